@@ -1,0 +1,428 @@
+"""One experiment config, validated at load time.
+
+The same YAML file drives the laptop run, the Kubeflow pipeline and the cluster
+federation. Every field is a typed dataclass attribute; loading walks the YAML
+against those types and fails on the first problem with a message naming the
+field (``training.lr``) and what would be accepted.
+
+    cfg = load_config("configs/demo.yaml", overrides=["federation.rounds=5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from fedllm.errors import FedllmError
+
+METHODS = ("sft", "lora", "ptuning", "prompt_tuning", "ia3")
+PARTITION_STRATEGIES = ("by_source", "iid", "dirichlet")
+WEIGHTINGS = ("samples", "steps", "uniform")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+QUANTIZATIONS = ("fp16", "blockwise8", "float4", "normfloat4")
+
+
+@dataclass
+class TinyModelSpec:
+    """A small randomly initialised causal LM, built from a config in seconds.
+
+    The tokenizer is a byte-level BPE trained on the run's own training data.
+    """
+
+    architecture: Literal["llama", "gpt2"] = "llama"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    vocab_size: int = 2048
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class ModelConfig:
+    """Where the base model comes from.
+
+    ``source`` is ``tiny`` (build ``tiny`` below), a Hugging Face hub id
+    (``EleutherAI/gpt-neo-1.3B``), a local directory in HF format, or an
+    ``s3://`` URI of such a directory.
+    """
+
+    source: str = "tiny"
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its peft parameters.
+
+    ``params`` are passed to the method's peft config (LoraConfig, IA3Config,
+    PromptEncoderConfig, PromptTuningConfig); ``sft`` takes none.
+    """
+
+    name: Literal["sft", "lora", "ptuning", "prompt_tuning", "ia3"] = "lora"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class SourceConfig:
+    """One data source: a named set of records in a known format.
+
+    ``path`` is a local file or folder (relative paths resolve against
+    ``data_dir``), an ``s3://`` URI, or ``hf://<dataset id>[:split]`` for the hub.
+    ``fields`` maps the generic format's prompt/response/label names.
+    """
+
+    name: str = ""
+    format: str = "generic"
+    path: str = ""
+    fields: dict = field(default_factory=dict)
+    max_records: Optional[int] = None
+    site: Optional[str] = None
+    hub: Optional[str] = None  # hf://<dataset id>[:split], used when ``path`` is not found locally
+
+
+@dataclass
+class PartitionConfig:
+    """How records become sites.
+
+    ``by_source``: one site per source (the source's ``site`` or its name).
+    ``iid``: pool every source, shuffle, deal evenly to ``num_sites``.
+    ``dirichlet``: per label, site shares drawn from Dir(alpha); redrawn until
+    every site holds at least ``min_site_records``.
+    """
+
+    strategy: Literal["by_source", "iid", "dirichlet"] = "by_source"
+    num_sites: Optional[int] = None
+    alpha: float = 1.0
+    label_field: str = "label"
+    min_site_records: int = 10
+
+
+@dataclass
+class SplitConfig:
+    """Per-site train/val/test fractions (the seed's 80/10/10)."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    template: str = "alpaca"
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    max_val_records_per_site: Optional[int] = None
+
+
+@dataclass
+class TrainingConfig:
+    """One site's local training, per round.
+
+    ``steps_per_round`` optimizer steps, or ``epochs_per_round`` passes when
+    steps are not given (capped by ``max_steps_per_round``).
+    """
+
+    steps_per_round: Optional[int] = 20
+    epochs_per_round: Optional[float] = None
+    max_steps_per_round: Optional[int] = None
+    micro_batch_size: int = 4
+    grad_accumulation: int = 1
+    lr: float = 5e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    grad_clip: float = 1.0
+    max_seq_length: int = 256
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    val_batch_size: int = 8
+    val_check_steps: int = 10
+    answer_only_loss: bool = True
+    pack_sequences: bool = False
+    compile: bool = False
+    fused_optimizer: bool = False
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class FederationConfig:
+    """The NVFlare federation: FedAvg over ``rounds`` rounds.
+
+    ``weighting``: each site's update is weighted by its training samples, its
+    optimizer steps, or uniformly. ``quantization`` compresses messages with
+    NVFlare's quantization filters.
+    """
+
+    algorithm: Literal["fedavg"] = "fedavg"
+    rounds: int = 3
+    min_clients: Optional[int] = None
+    weighting: Literal["samples", "steps", "uniform"] = "samples"
+    quantization: Optional[Literal["fp16", "blockwise8", "float4", "normfloat4"]] = None
+    threads: Optional[int] = None
+
+
+@dataclass
+class BaselinesConfig:
+    site_alone: bool = True
+    centralized: bool = True
+
+
+@dataclass
+class EvaluationConfig:
+    """Zero-shot lm-eval benchmark of every setting (see fedllm.evaluate)."""
+
+    enabled: bool = True
+    tasks: list[str] = field(default_factory=lambda: ["hellaswag", "piqa", "winogrande"])
+    limit: Optional[int] = None
+    batch_size: str = "auto"
+    task_data_dir: Optional[str] = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 1234
+    output_dir: str = "runs/experiment"
+    data_dir: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    # -- derived values a caller may rely on ---------------------------------
+    def resolve_data_path(self, path: str) -> str:
+        """A source path as a loader reads it: URIs and absolute paths as given,
+        relative paths against ``$FEDLLM_DATA_DIR`` if set (a site points the
+        same config at its own copy), else the config's ``data_dir``."""
+        if "://" in path or os.path.isabs(path):
+            return path
+        base = os.environ.get("FEDLLM_DATA_DIR") or self.data_dir
+        return str(Path(base) / path) if base else path
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical config, recorded beside every checkpoint."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------
+# loading and validation
+# --------------------------------------------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with fields " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except FedllmError as e:
+                errors.append(e)
+        raise FedllmError(f"config field '{where}': expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise FedllmError(
+                f"config field '{where}': {value!r} is not allowed; "
+                f"allowed values: {', '.join(str(a) for a in typing.get_args(tp))}"
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise FedllmError(f"config field '{where}': expected {_describe(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise FedllmError(f"config field '{where}': expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise FedllmError(f"config field '{where}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FedllmError(f"config field '{where}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "5e-6" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FedllmError(f"config field '{where}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise FedllmError(f"config field '{where}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise FedllmError(f"config field '{where or '<top>'}': expected {_describe(cls)}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise FedllmError(
+            f"config field '{prefix}{unknown[0]}' is unknown; "
+            f"allowed fields{' of ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise FedllmError(f"--set {dotted}: '{part}' is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML (numbers, lists...)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise FedllmError(f"--set {item!r}: expected key=value, e.g. federation.rounds=5")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Checks that span several fields; each error names the field."""
+    if cfg.method.name == "sft" and cfg.method.params:
+        raise FedllmError("config field 'method.params': sft takes no parameters")
+    if not cfg.data.sources:
+        raise FedllmError("config field 'data.sources': at least one source is required")
+    seen = set()
+    for i, src in enumerate(cfg.data.sources):
+        if not src.name:
+            raise FedllmError(f"config field 'data.sources[{i}].name': a name is required")
+        if not src.path:
+            raise FedllmError(f"config field 'data.sources[{i}].path': a path or URI is required")
+        if src.name in seen:
+            raise FedllmError(f"config field 'data.sources[{i}].name': duplicate source name {src.name!r}")
+        seen.add(src.name)
+    part = cfg.data.partition
+    if part.strategy == "dirichlet" and part.alpha <= 0:
+        raise FedllmError(f"config field 'data.partition.alpha': must be > 0 for dirichlet, got {part.alpha}")
+    if part.strategy in ("iid", "dirichlet") and (part.num_sites is None or part.num_sites < 1):
+        raise FedllmError(f"config field 'data.partition.num_sites': a positive integer is required for {part.strategy}")
+    s = cfg.data.split
+    if min(s.train, s.val, s.test) < 0 or abs(s.train + s.val + s.test - 1.0) > 1e-6 or s.train <= 0 or s.val <= 0:
+        raise FedllmError(
+            f"config field 'data.split': train/val/test must be ≥ 0 and sum to 1 with train, val > 0; "
+            f"got {s.train}/{s.val}/{s.test}"
+        )
+    t = cfg.training
+    if t.steps_per_round is None and t.epochs_per_round is None:
+        raise FedllmError("config field 'training.steps_per_round': give steps_per_round or epochs_per_round")
+    for name in ("micro_batch_size", "grad_accumulation", "max_seq_length", "val_batch_size"):
+        if getattr(t, name) < 1:
+            raise FedllmError(f"config field 'training.{name}': must be ≥ 1, got {getattr(t, name)}")
+    if t.steps_per_round is not None and t.steps_per_round < 1:
+        raise FedllmError(f"config field 'training.steps_per_round': must be ≥ 1, got {t.steps_per_round}")
+    if t.lr <= 0:
+        raise FedllmError(f"config field 'training.lr': must be > 0, got {t.lr}")
+    if len(t.adam_betas) != 2:
+        raise FedllmError(f"config field 'training.adam_betas': expected two numbers, got {t.adam_betas}")
+    if cfg.federation.rounds < 1:
+        raise FedllmError(f"config field 'federation.rounds': must be ≥ 1, got {cfg.federation.rounds}")
+    return cfg
+
+
+def config_from_dict(tree: dict, source: str = "<config>") -> ExperimentConfig:
+    return validate(_build(ExperimentConfig, tree, ""))
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Read, override and validate an experiment config.
+
+    Raises FedllmError naming the file (and line, for YAML syntax errors) or the
+    offending field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FedllmError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise FedllmError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(tree, dict):
+        raise FedllmError(f"{path}: expected a mapping at the top level")
+    apply_overrides(tree, overrides or [])
+    try:
+        return config_from_dict(tree, str(path))
+    except FedllmError as e:
+        raise FedllmError(f"{path}: {e}") from None
+
+
+def dump_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,76 @@
+"""The NVFlare job for a fedllm experiment: FedAvg from NVFlare's recipe API.
+
+The same job runs in the simulator (``fedllm federate``), in POC mode and on a
+production federation (submitted through the admin API). The server rebuilds
+the initial global model from ``CausalLMModule``'s constructor arguments; every
+site runs ``fedllm/federation/client.py`` against the shared run dir.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.client.config import ExchangeFormat
+
+from fedllm.config import ExperimentConfig
+from fedllm.federation import client as client_script
+from fedllm.federation.persistor import RoundCheckpointPersistor
+from fedllm.train.site import PRECISION_DTYPE, train_args
+
+MODULE_CLASS = "fedllm.train.module.CausalLMModule"
+
+
+def job_name(cfg: ExperimentConfig) -> str:
+    return f"fedllm-{cfg.name}"
+
+
+def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]) -> FedAvgRecipe:
+    """A FedAvg recipe over ``sites`` for the prepared run dir.
+
+    ``run_dir`` must hold ``config.yaml``, ``data/`` and ``models/base`` (see
+    ``fedllm.run.prepare_run``) and be readable by the server and every site
+    (one machine, a shared volume, or a per-site copy at the same path).
+    """
+    run_dir = Path(run_dir).resolve()
+    module_args = {
+        "model_dir": str(run_dir / "models" / "base"),
+        "method": cfg.method.name,
+        "method_params": dict(cfg.method.params),
+        "train_args": train_args(cfg, total_steps=1),  # the server never steps an optimizer
+        "dtype": PRECISION_DTYPE[cfg.training.precision],
+    }
+    persistor = RoundCheckpointPersistor(
+        model={"path": MODULE_CLASS, "args": module_args},
+        checkpoint_dir=str(run_dir / "federation" / "rounds"),
+        events_file=str(run_dir / "events" / "server.jsonl"),
+    )
+    recipe = FedAvgRecipe(
+        name=job_name(cfg),
+        min_clients=cfg.federation.min_clients or len(sites),
+        num_rounds=cfg.federation.rounds,
+        train_script=client_script.__file__,
+        train_args=f"--run-dir {run_dir}",
+        model_persistor=persistor,
+        # Tensors stay tensors end to end: no numpy round trip of every weight.
+        server_expected_format=ExchangeFormat.PYTORCH,
+        key_metric="val_loss",
+        key_metric_mode="min",
+    )
+    _apply_settings(recipe, cfg)
+    return recipe
+
+
+def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig) -> None:
+    """Round timing and memory settings, and message quantization."""
+    try:
+        from fedllm.federation import tuning
+    except ImportError:
+        tuning = None
+    if tuning is not None and hasattr(tuning, "apply_round_tuning"):
+        tuning.apply_round_tuning(recipe)
+    if cfg.federation.quantization:
+        from fedllm.federation.quantization import add_quantization
+
+        add_quantization(recipe, cfg.federation.quantization)

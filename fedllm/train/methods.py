@@ -1,0 +1,132 @@
+"""Fine-tuning methods: one registry, one entry point (as peft's own mapping).
+
+Each method names its peft config class and fedllm's defaults; the YAML's
+``method.params`` are peft's own field names and override the defaults. Adding a
+method touches this file only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from fedllm.errors import FedllmError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    peft_config: Optional[Callable[[], type]] = None  # lazy: importing peft is slow
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def is_peft(self) -> bool:
+        return self.peft_config is not None
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return self.name in ("ptuning", "prompt_tuning")
+
+
+def _lora():
+    from peft import LoraConfig
+
+    return LoraConfig
+
+
+def _ia3():
+    from peft import IA3Config
+
+    return IA3Config
+
+
+def _ptuning():
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig
+
+
+def _prompt_tuning():
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method("sft", "full supervised fine-tuning: every weight trains and travels"),
+    "lora": Method(
+        "lora",
+        "LoRA: low-rank adapters on the linear layers",
+        _lora,
+        {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+    ),
+    "ia3": Method("ia3", "IA3: learned rescaling of attention and feed-forward activations", _ia3, {}),
+    "ptuning": Method(
+        "ptuning",
+        "p-tuning: virtual tokens produced by a small prompt encoder (MLP)",
+        _ptuning,
+        {"num_virtual_tokens": 10, "encoder_hidden_size": 128},
+    ),
+    "prompt_tuning": Method(
+        "prompt_tuning",
+        "prompt tuning: learned virtual-token embeddings",
+        _prompt_tuning,
+        {"num_virtual_tokens": 10},
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise FedllmError(f"config field 'method.name': unknown method {name!r}; allowed values: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def peft_config_for(method_name: str, params: dict[str, Any]):
+    """The peft config object for a method, or None for full SFT.
+
+    Unknown parameter names raise an error naming ``method.params.<name>`` and the
+    fields the peft config accepts.
+    """
+    method = get_method(method_name)
+    if not method.is_peft:
+        if params:
+            raise FedllmError("config field 'method.params': sft takes no parameters")
+        return None
+    from peft import TaskType
+
+    cls = method.peft_config()
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    for key in params:
+        if key not in allowed:
+            raise FedllmError(
+                f"config field 'method.params.{key}': not a parameter of {cls.__name__}; "
+                f"allowed: {', '.join(sorted(a for a in allowed if not a.startswith('_')))}"
+            )
+    kwargs = {**method.defaults, **params, "task_type": TaskType.CAUSAL_LM}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise FedllmError(f"config field 'method.params': invalid {cls.__name__}: {e}") from None
+
+
+def apply_method(model, method_name: str, params: dict[str, Any]):
+    """Wrap a base causal LM for the method; returns the model to train.
+
+    SFT returns the model unchanged (all parameters trainable). PEFT methods
+    freeze the base and return a ``PeftModel`` whose trainable parameters are
+    exactly what a site exchanges with the server.
+    """
+    cfg = peft_config_for(method_name, params)
+    if cfg is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:  # e.g. target modules not found in this architecture
+        raise FedllmError(f"config field 'method.params': {method_name} cannot be applied to this model: {e}") from None

@@ -1,0 +1,188 @@
+"""A site's training, used by every setting.
+
+The NVFlare client script, the site-alone baselines and the centralized
+baseline all build their module, data and trainer here, so "each site alone"
+and "FedAvg" differ only in whether weights are averaged between rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+
+from fedllm import events
+from fedllm.config import ExperimentConfig
+from fedllm.data.records import Example
+from fedllm.train.dataset import PackedExamples, TokenizedExamples, make_loader
+from fedllm.train.model import load_tokenizer
+from fedllm.train.module import CausalLMModule
+
+PRECISION_DTYPE = {"32-true": "float32", "bf16-mixed": "float32", "16-mixed": "float32", "bf16-true": "bfloat16"}
+
+
+class SiteDataModule(pl.LightningDataModule):
+    """A site's train and validation batches, tokenized once."""
+
+    def __init__(self, cfg: ExperimentConfig, tokenizer, train: Sequence[Example], val: Sequence[Example], seed_key: str = ""):
+        super().__init__()
+        t = cfg.training
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.train_set = TokenizedExamples(train, tokenizer, cfg.data.template, t.max_seq_length, t.answer_only_loss)
+        if t.pack_sequences:
+            self.train_set = PackedExamples(self.train_set, t.max_seq_length)
+        self.val_set = TokenizedExamples(val, tokenizer, cfg.data.template, t.max_seq_length, t.answer_only_loss)
+        self.seed = cfg.seed + sum(map(ord, seed_key))  # each site shuffles differently, reproducibly
+        self.num_train_examples = len(train)
+
+    def train_dataloader(self):
+        return make_loader(self.train_set, self.cfg.training.micro_batch_size, self.tokenizer.pad_token_id, shuffle=True, seed=self.seed)
+
+    def val_dataloader(self):
+        return make_loader(self.val_set, self.cfg.training.val_batch_size, self.tokenizer.pad_token_id, shuffle=False)
+
+
+def steps_per_round(cfg: ExperimentConfig, num_train_rows: int) -> int:
+    """Optimizer steps a site takes per round: given, or from epochs (capped)."""
+    t = cfg.training
+    if t.steps_per_round is not None:
+        return t.steps_per_round
+    batches = math.ceil(num_train_rows / t.micro_batch_size)
+    steps = max(1, math.ceil(t.epochs_per_round * batches / t.grad_accumulation))
+    return min(steps, t.max_steps_per_round) if t.max_steps_per_round else steps
+
+
+def train_args(cfg: ExperimentConfig, total_steps: int) -> dict:
+    t = cfg.training
+    return {
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "adam_betas": list(t.adam_betas),
+        "lr_schedule": t.lr_schedule,
+        "warmup_steps": t.warmup_steps,
+        "min_lr": t.min_lr,
+        "total_steps": total_steps,
+        "fused_optimizer": t.fused_optimizer,
+        "seed": cfg.seed,
+    }
+
+
+def build_module(cfg: ExperimentConfig, base_model_dir: str, total_steps: int) -> CausalLMModule:
+    module = CausalLMModule(
+        model_dir=str(base_model_dir),
+        method=cfg.method.name,
+        method_params=cfg.method.params,
+        train_args=train_args(cfg, total_steps),
+        dtype=PRECISION_DTYPE[cfg.training.precision],
+    )
+    if cfg.training.compile:
+        module.model = torch.compile(module.model)
+    return module
+
+
+def make_trainer(cfg: ExperimentConfig, max_steps: int, val_every: Optional[int] = None, progress: bool = False) -> pl.Trainer:
+    """One trainer recipe for every setting; validation only when asked."""
+    t = cfg.training
+    kwargs = dict(
+        max_steps=max_steps,
+        max_epochs=-1,
+        accelerator="auto",
+        devices=1,
+        precision=t.precision if torch.cuda.is_available() or t.precision == "32-true" else "32-true",
+        gradient_clip_val=t.grad_clip or None,
+        accumulate_grad_batches=t.grad_accumulation,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    if val_every:
+        kwargs.update(val_check_interval=val_every * t.grad_accumulation, check_val_every_n_epoch=None)
+    else:
+        kwargs.update(limit_val_batches=1.0, check_val_every_n_epoch=None, val_check_interval=10**9)
+    return pl.Trainer(**kwargs)
+
+
+def set_threads(cfg: ExperimentConfig) -> None:
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+
+
+class CurveRecorder(pl.Callback):
+    """(step, loss) after every validation: the setting's validation curve."""
+
+    def __init__(self):
+        self.curve: list[list[float]] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if pl_module.last_val_loss is not None:
+            step = trainer.global_step
+            if self.curve and self.curve[-1][0] == step:
+                self.curve[-1] = [step, pl_module.last_val_loss]
+            else:
+                self.curve.append([step, pl_module.last_val_loss])
+
+
+def train_alone(
+    cfg: ExperimentConfig,
+    base_model_dir: str,
+    setting: str,
+    train: Sequence[Example],
+    combined_val: Sequence[Example],
+    out_dir: str | os.PathLike,
+    rounds_budget: int,
+    events_file: Optional[str] = None,
+    progress: bool = False,
+) -> dict:
+    """Train one non-federated setting (a site alone, or centralized) with the
+    same budget one site gets over all FedAvg rounds; validate on the combined
+    validation set every ``training.val_check_steps``; export the final model.
+
+    Returns the setting's summary entry (see summary.json in the README).
+    """
+    set_threads(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer = load_tokenizer(base_model_dir)
+    data = SiteDataModule(cfg, tokenizer, train, combined_val, seed_key=setting)
+    total = rounds_budget * steps_per_round(cfg, data.num_train_examples)
+    module = build_module(cfg, base_model_dir, total)
+    module.site_name, module.events_file = setting, events_file
+    recorder = CurveRecorder()
+    trainer = make_trainer(cfg, total, val_every=cfg.training.val_check_steps, progress=progress)
+    trainer.callbacks.append(recorder)
+    events.emit("setting_start", file=events_file, site=setting, steps=total, train_examples=len(train))
+    started = time.perf_counter()
+    trainer.validate(module, datamodule=data, verbose=False)
+    trainer.fit(module, datamodule=data)
+    if not recorder.curve or recorder.curve[-1][0] != trainer.global_step:
+        trainer.validate(module, datamodule=data, verbose=False)
+    seconds = time.perf_counter() - started
+    exported = module.export(str(out_dir), tokenizer=tokenizer)
+    result = {
+        "val_loss": recorder.curve[-1][1],
+        "val_loss_curve": recorder.curve,
+        "train_tokens_per_s": module.tokens_per_second,
+        "train_seconds": module.train_seconds,
+        "seconds": seconds,
+        "steps": trainer.global_step,
+        "train_examples": len(train),
+        **exported,
+    }
+    events.emit("setting_end", file=events_file, site=setting, step=trainer.global_step, loss=result["val_loss"], tokens_per_s=result["train_tokens_per_s"])
+    return result
+
+
+def evaluate_loss(cfg: ExperimentConfig, module: CausalLMModule, tokenizer, val: Sequence[Example]) -> float:
+    """Token-mean loss of ``module`` on ``val`` (used for the base model and the
+    final global model)."""
+    data = SiteDataModule(cfg, tokenizer, [], val)
+    trainer = make_trainer(cfg, max_steps=1)
+    trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
+    return module.last_val_loss
