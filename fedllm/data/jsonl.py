@@ -1,0 +1,61 @@
+"""Examples on disk: one ``Example.to_dict`` per JSON line, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fedllm.data.records import Example
+from fedllm.errors import FedllmError
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so a
+    reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def dumps_jsonl(examples: list[Example]) -> bytes:
+    """The file content ``write_jsonl`` writes: stable key order, UTF-8, one line each."""
+    return "".join(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in examples).encode("utf-8")
+
+
+def write_jsonl(path: str | Path, examples: list[Example]) -> None:
+    write_atomic(path, dumps_jsonl(examples))
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Examples written by ``write_jsonl``; errors name ``path:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedllmError(f"{path}: no such file")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FedllmError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise FedllmError(f"{path}:{n}: expected a JSON object (an Example record)")
+            try:
+                examples.append(Example.from_dict(record))
+            except TypeError as e:
+                raise FedllmError(
+                    f"{path}:{n}: not an Example record ({e}); expected keys instruction, output, "
+                    "input, label, source, origin, meta"
+                ) from None
+    return examples
