@@ -1,0 +1,137 @@
+"""The results table in the seed's layout: one row per setting, zero-shot scores and val loss.
+
+Rows: base, each site alone, centralized, FedAvg. Columns: HellaSwag acc/acc_norm,
+PIQA acc/acc_norm, WinoGrande acc, their mean (higher is better), and the loss on the
+combined validation set (lower is better). The best value of each column is marked;
+values that tie at the shown precision (3 decimals) are all marked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedllm.report.document import Cell, Paragraph, Section, Table
+from fedllm.report.run_summary import display_name, number, ordered_settings
+
+MISSING = "–"
+DECIMALS = 3
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # the metric name in a setting's ``eval`` (or ``val_loss``)
+    header: str
+    higher_is_better: bool
+
+
+COLUMNS = (
+    Column("hellaswag/acc", "H acc", True),
+    Column("hellaswag/acc_norm", "H acc_norm", True),
+    Column("piqa/acc", "P acc", True),
+    Column("piqa/acc_norm", "P acc_norm", True),
+    Column("winogrande/acc", "W acc", True),
+    Column("mean", "Mean", True),
+    Column("val_loss", "Val loss", False),
+)
+
+
+def results_table(summary: dict, source: str = "summary.json") -> list[dict]:
+    """One dict per setting, in row order::
+
+        {"setting": "fedavg", "name": "FedAvg",
+         "cells": {"hellaswag/acc": {"value": 0.377, "stderr": 0.005, "best": True}, ...,
+                   "val_loss": {"value": 4.9, "stderr": None, "best": True}}}
+
+    ``cells`` has every key of ``COLUMNS``; ``value`` is ``None`` where the setting has
+    no such number (no eval yet, no val loss). ``source`` prefixes error messages.
+    """
+    rows = []
+    for key, setting in ordered_settings(summary):
+        where = f"{source}: settings.{key}"
+        scores = setting.get("eval") or {}
+        cells = {}
+        for column in COLUMNS:
+            if column.key == "val_loss":
+                value, stderr = number(setting.get("val_loss"), f"{where}.val_loss"), None
+            else:
+                value, stderr = _score(scores.get(column.key), f"{where}.eval.{column.key}")
+            cells[column.key] = {"value": value, "stderr": stderr, "best": False}
+        rows.append({"setting": key, "name": display_name(key), "cells": cells})
+    _mark_best(rows)
+    return rows
+
+
+def format_table_text(summary: dict, source: str = "summary.json") -> str:
+    """The results table as aligned plain text for a terminal: a header, a rule, one
+    line per setting (best per column followed by ``*``), and a one-line legend."""
+    rows = results_table(summary, source)
+    header = ["Setting", *(c.header for c in COLUMNS)]
+    lines = [[row["name"], *(_plain(row["cells"][c.key]) for c in COLUMNS)] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+
+    def align(fields: list[str]) -> str:
+        first = fields[0].ljust(widths[0])
+        return "  ".join([first, *(f.rjust(w) for f, w in zip(fields[1:], widths[1:]))]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    legend = "* best in column (Val loss: loss on the combined validation set, lower is better)"
+    return "\n".join([align(header), rule, *(align(line) for line in lines), legend])
+
+
+def results_section(summary: dict, source: str) -> Section:
+    rows = results_table(summary, source)
+    section = Section("Results")
+    if not rows:
+        section.blocks.append(Paragraph("Results: no settings recorded in this run."))
+        return section
+    table_rows = []
+    for row in rows:
+        cells = [Cell(row["name"])]
+        for column in COLUMNS:
+            cell = row["cells"][column.key]
+            detail = f"± {cell['stderr']:.{DECIMALS}f}" if cell["stderr"] is not None else ""
+            cells.append(Cell(_shown(cell["value"]), detail=detail, best=cell["best"], numeric=True))
+        table_rows.append(cells)
+    section.blocks.append(
+        Table(
+            ["Setting", *(c.header for c in COLUMNS)],
+            table_rows,
+            caption="Zero-shot accuracy (H = HellaSwag, P = PIQA, W = WinoGrande; Mean = mean of the five) "
+            "and loss on the combined validation set of all sites. Best per column in bold; "
+            "higher is better except Val loss.",
+        )
+    )
+    if all(row["cells"]["mean"]["value"] is None for row in rows):
+        section.blocks.append(Paragraph("Zero-shot evaluation: not recorded in this run (run `fedllm evaluate`)."))
+    return section
+
+
+def _score(entry, where: str) -> tuple[float | None, float | None]:
+    """A metric as (value, stderr). lm-eval reports stderr "N/A" when it skips bootstrapping."""
+    if entry is None:
+        return None, None
+    if not isinstance(entry, dict):
+        return number(entry, where), None
+    stderr = entry.get("stderr")
+    stderr = number(stderr, f"{where}.stderr") if not isinstance(stderr, str) else None
+    return number(entry.get("value"), f"{where}.value"), stderr
+
+
+def _mark_best(rows: list[dict]) -> None:
+    for column in COLUMNS:
+        values = [r["cells"][column.key]["value"] for r in rows]
+        shown = [round(v, DECIMALS) for v in values if v is not None]
+        if not shown:
+            continue
+        best = max(shown) if column.higher_is_better else min(shown)
+        for row in rows:
+            cell = row["cells"][column.key]
+            cell["best"] = cell["value"] is not None and round(cell["value"], DECIMALS) == best
+
+
+def _shown(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.{DECIMALS}f}"
+
+
+def _plain(cell: dict) -> str:
+    return _shown(cell["value"]) + ("*" if cell["best"] else " ")
