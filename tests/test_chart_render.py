@@ -1,0 +1,236 @@
+"""The fedllm-federation chart, rendered by Helm's own Go SDK (helm-python-sdk), no cluster.
+
+For the default values and every ci/*-values.yaml: `helm lint --strict` is clean, every
+object is valid under kubernetes-validate --strict for Kubernetes 1.29-1.33, and the
+chart's promises hold: GPUs requested, locked-down pods, no secret material outside
+Secrets, labels on every object, least-privilege RBAC only with launcher k8s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parents[1] / "charts" / "fedllm-federation"
+CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+VALUE_SETS = [None, *CI_FILES]
+KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+POD_KINDS = ("Deployment", "Pod")
+
+
+def values_of(path: Path | None) -> dict | None:
+    return yaml.safe_load(path.read_text()) if path else None
+
+
+def render(values: dict | None, release: str = "demo") -> list[dict]:
+    manifests = helm.Chart.load(str(CHART)).render(values, name=release, namespace="fl")
+    objects = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def effective(path: Path | None) -> dict:
+    """Chart defaults overlaid with the values file, as Helm merges them."""
+    from fedllm.deploy.provision import load_values
+
+    if path is None:
+        return yaml.safe_load((CHART / "values.yaml").read_text())
+    return load_values(path, CHART)
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"]
+
+
+def by_kind(objects, kind):
+    return [o for o in objects if o["kind"] == kind]
+
+
+def ids(p):
+    return p.name if p else "defaults"
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_helm_lint_strict_is_clean(values_file):
+    report = helm.lint(str(CHART), values_of(values_file), strict=True, namespace="fl", kube_version="v1.29.0")
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == []
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_every_object_is_valid_kubernetes_1_29_to_1_33(values_file):
+    objects = render(values_of(values_file))
+    assert objects
+    for version in KUBE_VERSIONS:
+        for obj in objects:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_sites_get_their_gpus_where_training_runs(values_file):
+    values = effective(values_file)
+    objects = render(values_of(values_file))
+    deployments = {d["metadata"]["labels"].get("fedllm.io/site"): d for d in by_kind(objects, "Deployment")}
+    for site in values["sites"]:
+        resources = pod_spec(deployments[site["name"]])["containers"][0].get("resources", {})
+        gpus = site.get("gpus", 0)
+        if values["launcher"] == "process" and gpus:
+            assert resources["requests"]["nvidia.com/gpu"] == gpus
+            assert resources["limits"]["nvidia.com/gpu"] == gpus
+        else:  # CPU-only site, or launcher k8s: the job pods ask for the GPUs
+            assert "nvidia.com/gpu" not in resources.get("requests", {})
+            assert "nvidia.com/gpu" not in resources.get("limits", {})
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_pods_are_locked_down(values_file):
+    objects = render(values_of(values_file))
+    pods = [o for o in objects if o["kind"] in POD_KINDS]
+    assert pods
+    for obj in pods:
+        spec = pod_spec(obj)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        mounts_by_volume = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["readOnlyRootFilesystem"] is True
+            writable = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            assert "/tmp" in writable
+            for name in writable.values():  # every writable path is scratch, not the image
+                assert "emptyDir" in mounts_by_volume[name]
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_rbac_only_with_the_k8s_launcher(values_file):
+    values = effective(values_file)
+    objects = render(values_of(values_file))
+    (account,) = by_kind(objects, "ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    roles = by_kind(objects, "Role")
+    site_pods = [pod_spec(d) for d in by_kind(objects, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "site"]
+    if values["launcher"] == "k8s":
+        (role,) = roles
+        rules = {r["resources"][0]: sorted(r["verbs"]) for r in role["rules"]}
+        assert rules == {
+            "pods": ["create", "delete", "get"],
+            "events": ["list"],
+            "secrets": ["create", "delete", "patch", "update"],
+        }
+        assert all(r["apiGroups"] == [""] for r in role["rules"])
+        (binding,) = by_kind(objects, "RoleBinding")
+        assert binding["subjects"][0]["name"] == account["metadata"]["name"]
+        assert all(p["automountServiceAccountToken"] is True for p in site_pods)
+        assert {s["metadata"]["name"] for s in by_kind(objects, "Service")} >= {f"demo-{s['name']}" for s in values["sites"]}
+    else:
+        assert roles == [] and by_kind(objects, "RoleBinding") == [] and by_kind(objects, "ClusterRole") == []
+        assert all(p["automountServiceAccountToken"] is False for p in site_pods)
+
+
+def test_no_secret_material_outside_secrets(tmp_path):
+    # Provision real kits for the default federation and install with their values:
+    # nothing of the kits may end up in a rendered object.
+    from fedllm.deploy.provision import provision
+
+    result = provision(CHART / "ci" / "default-values.yaml", tmp_path / "kits", release="demo")
+    values = values_of(CHART / "ci" / "default-values.yaml")
+    values["provisioning"] = yaml.safe_load(result["provisioned_values"].read_text())["provisioning"]
+    objects = render(values)
+    # The chart creates no Secret or ConfigMap: kits come only from the provisioned Secrets.
+    assert by_kind(objects, "Secret") == [] and by_kind(objects, "ConfigMap") == []
+    text = yaml.safe_dump_all(o for o in objects if o["kind"] != "Secret")
+    assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text
+    for kit in result["kits"].values():
+        for key_file in kit.glob("startup/*.key"):
+            body = "".join(key_file.read_text().splitlines()[1:-1])
+            assert body[:40] not in text.replace("\n", "")
+    for obj in objects:
+        if obj["kind"] in POD_KINDS:
+            for container in pod_spec(obj)["containers"]:
+                for env in container.get("env", []):
+                    if env["name"] in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                        assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"] == "minio-credentials"
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_every_object_is_labelled(values_file):
+    values = effective(values_file)
+    objects = render(values_of(values_file))
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "fedllm-federation"
+        assert labels["app.kubernetes.io/instance"] == "demo"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/part-of"] == "fedllm"
+        assert labels["helm.sh/chart"] == "fedllm-federation-0.1.0"
+    site_objects = [o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "site"]
+    assert sorted({o["metadata"]["labels"]["fedllm.io/site"] for o in site_objects}) == sorted(s["name"] for s in values["sites"])
+    for d in by_kind(objects, "Deployment"):  # `kubectl logs -l fedllm.io/site=<name>` finds the pods
+        assert d["spec"]["template"]["metadata"]["labels"]["fedllm.io/site"] == d["metadata"]["labels"]["fedllm.io/site"]
+
+
+def test_site_only_install_has_no_server_objects_and_dials_the_remote_server():
+    objects = render(values_of(CHART / "ci" / "site-only-values.yaml"))
+    components = {o["metadata"]["labels"].get("app.kubernetes.io/component") for o in objects}
+    assert "server" not in components
+    assert not [o for o in objects if "server" in o["metadata"]["name"]]
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    remote = [rule for rule in policy["spec"]["egress"] if rule["ports"][0]["port"] == 8002]
+    assert remote[0]["to"] == [{"ipBlock": {"cidr": "203.0.113.10/32"}}]
+    (test_pod,) = by_kind(objects, "Pod")
+    assert test_pod["spec"]["containers"][0]["args"] == ["--server", "fl.example.com:8002"]
+
+
+def test_sites_reach_only_the_server_s3_and_dns():
+    objects = render(None)
+    policy = next(p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == "demo-sites")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == []
+    egress = policy["spec"]["egress"]
+    assert len(egress) == 3
+    to_server, to_s3, to_dns = egress
+    assert to_server["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "server"
+    assert to_server["ports"] == [{"port": 8002, "protocol": "TCP"}]
+    assert to_s3["to"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "minio"}
+    assert to_s3["ports"] == [{"port": 9000, "protocol": "TCP"}]
+    assert {p["port"] for p in to_dns["ports"]} == {53}
+
+
+def test_server_service_type_and_ports_follow_values():
+    lb = render(values_of(CHART / "ci" / "loadbalancer-values.yaml"))
+    (svc,) = [s for s in by_kind(lb, "Service") if s["metadata"]["name"] == "demo-server"]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"fl": 8002, "admin": 8003}
+    node = render(values_of(CHART / "ci" / "nodeport-values.yaml"))
+    (svc,) = [s for s in by_kind(node, "Service") if s["metadata"]["name"] == "demo-server"]
+    assert {p["name"]: p["nodePort"] for p in svc["spec"]["ports"]} == {"fl": 30802, "admin": 30803}
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"sites": [{"name": "site-1"}, {"name": "Site_2"}]}, "/sites/1/name"),
+        ({"sites": []}, "/sites"),
+        ({"sites": [{"name": "a", "data": {"s3": "http://x"}}]}, "/sites/0/data"),
+        ({"launcher": "slurm"}, "/launcher"),
+        ({"server": {"service": {"type": "ExternalName"}}}, "/server/service/type"),
+    ],
+)
+def test_schema_rejects_bad_values_naming_the_field(bad, field):
+    with pytest.raises(helm.HelmValuesError, match=field):
+        render(bad)
+
+
+def test_site_only_install_requires_the_remote_address():
+    with pytest.raises(helm.HelmError, match="remoteAddress"):
+        render({"server": {"enabled": False}})

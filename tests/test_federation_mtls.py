@@ -1,0 +1,186 @@
+"""A real production-mode federation on localhost, without Kubernetes.
+
+The server and two sites run as separate processes from the startup kits that
+``fedllm.deploy.provision`` made, unpacked the way a pod unpacks its Secret volume
+(``python -m fedllm.deploy.participant``). All links are NVFlare's gRPC over mutual
+TLS. The admin kit logs in through ``nvflare.fuel.flare_api``, submits a tiny FedAvg
+job and checks the aggregated weights; then a site holding a kit from a different
+provisioning tries to join and must never register.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fedllm.deploy.provision import provision
+
+pytestmark = pytest.mark.federation
+
+REPO = Path(__file__).resolve().parents[1]
+CLIENT_SCRIPT = Path(__file__).resolve().parent / "federation_job" / "tiny_client.py"
+ROUNDS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def mount_secret(secret_file: Path, mount_dir: Path) -> Path:
+    """Write a Secret manifest's data as files, as the kubelet does for a Secret volume."""
+    mount_dir.mkdir(parents=True)
+    for key, value in yaml.safe_load(secret_file.read_text())["data"].items():
+        (mount_dir / key).write_bytes(base64.b64decode(value))
+    return mount_dir
+
+
+class Participants:
+    """Participant processes, each in its own process group so the test can end them all."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, kit: Path, env: dict | None = None) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedllm.deploy.participant", "--kit", str(kit), "--workspace", str(self.root / "ws" / name)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # NVFlare's job workers live in the same group; leave nothing behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def registered_sites(session) -> set[str]:
+    status = session.check_status("client")
+    return {c["client_name"] for c in status.get("client_status", [])}
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fl_port, admin_port = free_port(), free_port()
+    values = {
+        "server": {"host": "localhost", "flPort": fl_port, "adminPort": admin_port},
+        "sites": [{"name": "site-1"}, {"name": "site-2"}],
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    good = provision(values_file, tmp_path / "kits")
+
+    # Same server address, but its own root CA: what a stale or forged Secret looks like.
+    foreign_values = tmp_path / "foreign-values.yaml"
+    foreign_values.write_text(yaml.safe_dump({**values, "sites": [{"name": "site-3"}]}))
+    foreign = provision(foreign_values, tmp_path / "foreign-kits")
+    assert foreign["root_ca_sha256"] != good["root_ca_sha256"]
+
+    procs = Participants(tmp_path)
+    try:
+        for name in ("server", "site-1", "site-2"):
+            procs.start(name, mount_secret(good["secrets"][name], tmp_path / "mounts" / name))
+        yield good, foreign, procs, tmp_path
+    finally:
+        procs.stop_all()
+
+
+def test_federation_trains_over_mtls_and_refuses_a_foreign_kit(federation):
+    from nvflare.app_common.np.recipes.fedavg import NumpyFedAvgRecipe
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    good, foreign, procs, tmp_path = federation
+    admin_kit = mount_secret(good["secrets"]["admin"], tmp_path / "mounts" / "admin-flat")
+    # flare_api reads an NVFlare kit layout (startup/ ...): lay the admin Secret out as one.
+    admin_dir = tmp_path / "admin"
+    (admin_dir / "startup").mkdir(parents=True)
+    for f in admin_kit.iterdir():
+        folder, _, name = f.name.partition(".")
+        (admin_dir / folder).mkdir(exist_ok=True)
+        (admin_dir / folder / name).write_bytes(f.read_bytes())
+
+    session = wait_for(
+        lambda: _try_session(new_secure_session, good["admin_name"], admin_dir), 60, "the admin login over mTLS"
+    )
+    try:
+        wait_for(lambda: registered_sites(session) == {"site-1", "site-2"}, 60, "site-1 and site-2 to register")
+
+        recipe = NumpyFedAvgRecipe(
+            name="tiny-fedavg",
+            model=np.array([0.0, 1.0, 2.0], dtype=np.float32),
+            min_clients=2,
+            num_rounds=ROUNDS,
+            train_script=str(CLIENT_SCRIPT),
+        )
+        recipe.export(str(tmp_path / "jobs"))
+        job_id = session.submit_job(str(tmp_path / "jobs" / "tiny-fedavg"))
+        meta = session.wait_for_job(job_id, timeout=120, poll_interval=1)
+        assert meta["status"] == "FINISHED:COMPLETED", meta
+        assert sorted(meta["job_deploy_detail"]) == ["server: OK", "site-1: OK", "site-2: OK"]
+
+        result_dir = Path(session.download_job_result(job_id))
+        saved = [np.load(f) for f in result_dir.rglob("*.npy")]
+        assert saved, f"no global model saved under {result_dir}"
+        # every site adds 1 per round and FedAvg averages: initial + ROUNDS
+        np.testing.assert_allclose(saved[0], np.array([0.0, 1.0, 2.0]) + ROUNDS)
+
+        intruder = procs.start("site-3", mount_secret(foreign["secrets"]["site-3"], tmp_path / "mounts" / "site-3"))
+        # The server's TLS layer rejects the foreign certificate chain before NVFlare sees a name.
+        wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in procs.log("site-3"), 60, "the TLS handshake to fail")
+        time.sleep(5)  # and a register retry after it
+        assert intruder.poll() is None, "the intruding site should keep retrying, not crash"
+        assert registered_sites(session) == {"site-1", "site-2"}
+        assert "Successfully registered" not in procs.log("site-3")
+        assert "New client site-3" not in procs.log("server")
+    finally:
+        session.close()
+
+
+def _try_session(new_secure_session, username: str, admin_dir: Path):
+    try:
+        return new_secure_session(username, str(admin_dir), timeout=10)
+    except Exception:
+        return None
