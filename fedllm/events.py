@@ -28,12 +28,16 @@ def emit(event: str, file: Optional[str | os.PathLike] = None, **fields: Any) ->
     record = {"ts": round(time.time(), 3), "event": event}
     record.update({k: _plain(v) for k, v in fields.items() if v is not None})
     line = json.dumps(record, sort_keys=False)
-    target = file or os.environ.get(EVENTS_FILE_ENV)
+    # The run's own log file, and $FEDLLM_EVENTS_FILE: in a pod the chart points
+    # it at /proc/1/fd/1, so `kubectl logs` shows the bare JSON line even when
+    # NVFlare runs this code in a subprocess whose stdout it re-logs with prefixes.
+    targets = {str(t) for t in (file, os.environ.get(EVENTS_FILE_ENV)) if t}
     with _lock:
         if not os.environ.get(QUIET_ENV):
             print(line, file=sys.stdout, flush=True)
-        if target:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        for target in targets:
+            if not target.startswith("/proc/"):
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
             with open(target, "a") as f:
                 f.write(line + "\n")
     return record

@@ -44,6 +44,11 @@ def load_source(src: SourceConfig, cfg: ExperimentConfig) -> list[Example]:
         raise FedllmError(f"config field '{where}.max_records': must be ≥ 1 or null, got {src.max_records}")
 
     location = cfg.resolve_data_path(src.path)
+    if src.hub and "://" not in location and not Path(location).exists():
+        # No local copy (a user without the offline data dir): the hub has it.
+        if not src.hub.startswith("hf://"):
+            raise FedllmError(f"config field '{where}.hub': expected hf://<dataset id>[:<split>], got {src.hub!r}")
+        location = src.hub
     if location.startswith("hf://"):
         examples = _read_hub(fmt, location, src, where)
     elif location.startswith("s3://"):

@@ -109,9 +109,10 @@ class CausalLMModule(pl.LightningModule):
             raise RuntimeError(
                 f"exchanged weights do not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        result = super().load_state_dict(state, strict=False, assign=assign)
+        super().load_state_dict(state, strict=False, assign=assign)
         self.bytes_received = tensor_bytes(state)
-        return result
+        # Report against the exchanged weights only: the frozen base is never sent.
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     @property
     def num_parameters(self) -> int:

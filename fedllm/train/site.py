@@ -7,9 +7,11 @@ and "FedAvg" differ only in whether weights are averaged between rounds.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,9 +21,16 @@ import torch
 from fedllm import events
 from fedllm.config import ExperimentConfig
 from fedllm.data.records import Example
+from fedllm.errors import FedllmError
 from fedllm.train.dataset import PackedExamples, TokenizedExamples, make_loader
 from fedllm.train.model import load_tokenizer
 from fedllm.train.module import CausalLMModule
+
+# Lightning's banners ("GPU available", tips) would drown the structured event
+# lines that `kubectl logs` shows; its warnings and errors still come through.
+logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*(LeafSpec|is_gradient_checkpointing|does not have many workers|limit_val_batches).*")
 
 PRECISION_DTYPE = {"32-true": "float32", "bf16-mixed": "float32", "16-mixed": "float32", "bf16-true": "bfloat16"}
 
@@ -37,6 +46,12 @@ class SiteDataModule(pl.LightningDataModule):
         if t.pack_sequences:
             self.train_set = PackedExamples(self.train_set, t.max_seq_length)
         self.val_set = TokenizedExamples(val, tokenizer, cfg.data.template, t.max_seq_length, t.answer_only_loss)
+        for name, given, kept in (("training", train, self.train_set), ("validation", val, self.val_set)):
+            if given and not len(kept):
+                raise FedllmError(
+                    f"config field 'training.max_seq_length': {seed_key or 'site'}: all {len(given)} {name} examples "
+                    f"lose their whole answer at {t.max_seq_length} tokens (the prompt fills the window); raise it"
+                )
         self.seed = cfg.seed + sum(map(ord, seed_key))  # each site shuffles differently, reproducibly
         self.num_train_examples = len(train)
 

@@ -133,6 +133,13 @@ fedllm.io/site: {{ .site.name }}
   value: "1"
 - name: PYTHONUNBUFFERED
   value: "1"
+{{- /* fedllm's JSON event lines go straight to the container's stdout (PID 1), so
+       `kubectl logs` shows them bare even from NVFlare's job subprocesses, which
+       re-log their own stdout with prefixes; the prefixed copy is switched off. */}}
+- name: FEDLLM_EVENTS_FILE
+  value: /proc/1/fd/1
+- name: FEDLLM_QUIET_EVENTS
+  value: "1"
 {{- with .Values.provisioning.rootCASha256 }}
 - name: FEDLLM_ROOT_CA_SHA256
   value: {{ . | quote }}
