@@ -4,7 +4,7 @@ The server and two sites run as separate processes from the startup kits that
 ``fedllm.deploy.provision`` made, unpacked the way a pod unpacks its Secret volume
 (``python -m fedllm.deploy.participant``). All links are NVFlare's gRPC over mutual
 TLS. The admin kit logs in through ``nvflare.fuel.flare_api``, submits a tiny FedAvg
-job and checks the aggregated weights; then a site holding a kit from a different
+fedllm LoRA job on real data and checks every round's global adapter; then a site holding a kit from a different
 provisioning tries to join and must never register.
 """
 
@@ -19,16 +19,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 import yaml
 
+from conftest import DEMO_CONFIG, TINY_RUN
+from fedllm.config import load_config
+from fedllm.data import load_partitions
 from fedllm.deploy.provision import provision
+from fedllm.events import read_events
+from fedllm.federation.job import build_recipe, job_name
+from fedllm.federation.persistor import load_round
+from fedllm.run import prepare_run
 
 pytestmark = pytest.mark.federation
 
 REPO = Path(__file__).resolve().parents[1]
-CLIENT_SCRIPT = Path(__file__).resolve().parent / "federation_job" / "tiny_client.py"
 ROUNDS = 2
 
 
@@ -129,7 +135,6 @@ def federation(tmp_path):
 
 
 def test_federation_trains_over_mtls_and_refuses_a_foreign_kit(federation):
-    from nvflare.app_common.np.recipes.fedavg import NumpyFedAvgRecipe
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     good, foreign, procs, tmp_path = federation
@@ -148,24 +153,31 @@ def test_federation_trains_over_mtls_and_refuses_a_foreign_kit(federation):
     try:
         wait_for(lambda: registered_sites(session) == {"site-1", "site-2"}, 60, "site-1 and site-2 to register")
 
-        recipe = NumpyFedAvgRecipe(
-            name="tiny-fedavg",
-            model=np.array([0.0, 1.0, 2.0], dtype=np.float32),
-            min_clients=2,
-            num_rounds=ROUNDS,
-            train_script=str(CLIENT_SCRIPT),
-        )
+        # A tiny fedllm LoRA job on real data, as `fedllm federate` builds it; both sites
+        # and the server read the prepared run dir (one machine here, a volume on K8s).
+        cfg = load_config(DEMO_CONFIG, TINY_RUN + [
+            "method.name=lora",
+            f"federation.rounds={ROUNDS}",
+            "data.sources=[{name: dolly, format: dolly, path: dolly_15k, max_records: 120}]",
+            "data.partition.strategy=iid",
+            "data.partition.num_sites=2",
+        ])
+        run = prepare_run(cfg, tmp_path / "run")
+        assert load_partitions(run / "data").sites == ["site-1", "site-2"]
+        recipe = build_recipe(cfg, run, ["site-1", "site-2"])
         recipe.export(str(tmp_path / "jobs"))
-        job_id = session.submit_job(str(tmp_path / "jobs" / "tiny-fedavg"))
-        meta = session.wait_for_job(job_id, timeout=120, poll_interval=1)
+        job_id = session.submit_job(str(tmp_path / "jobs" / job_name(cfg)))
+        meta = session.wait_for_job(job_id, timeout=240, poll_interval=1)
         assert meta["status"] == "FINISHED:COMPLETED", meta
         assert sorted(meta["job_deploy_detail"]) == ["server: OK", "site-1: OK", "site-2: OK"]
 
-        result_dir = Path(session.download_job_result(job_id))
-        saved = [np.load(f) for f in result_dir.rglob("*.npy")]
-        assert saved, f"no global model saved under {result_dir}"
-        # every site adds 1 per round and FedAvg averages: initial + ROUNDS
-        np.testing.assert_allclose(saved[0], np.array([0.0, 1.0, 2.0]) + ROUNDS)
+        # the server persisted every round's global adapter, and training moved it
+        first, last = load_round(run / "federation" / "rounds", 1), load_round(run / "federation" / "rounds", ROUNDS)
+        assert set(first) == set(last) and all("lora_" in k for k in last)
+        assert any(not torch.equal(first[k], last[k]) for k in last)
+        for site in ("site-1", "site-2"):
+            ends = [e for e in read_events(run / "events" / f"site-{site}.jsonl") if e["event"] == "round_end"]
+            assert len(ends) == ROUNDS, site
 
         intruder = procs.start("site-3", mount_secret(foreign["secrets"]["site-3"], tmp_path / "mounts" / "site-3"))
         # The server's TLS layer rejects the foreign certificate chain before NVFlare sees a name.
