@@ -1,0 +1,116 @@
+"""The images install what pyproject.toml pins, and run commands that exist.
+
+Images cannot be built here; what can drift between the Dockerfiles, the
+package and its users is checked instead: every ``name==version`` a Dockerfile
+installs is pyproject's pin, each image installs fedllm itself with the
+``fedllm`` entrypoint, and every ``fedllm <subcommand>`` or ``python -m fedllm.*``
+the chart, the components, the pipeline and the images run exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import tomllib
+from pathlib import Path
+
+
+from fedllm.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+IMAGES = {"fedllm": REPO / "images" / "fedllm" / "Dockerfile", "fedllm-nemo": REPO / "images" / "fedllm-nemo" / "Dockerfile"}
+
+
+def requirement_name(spec: str) -> str:
+    return re.split(r"[\[<>=!~; ]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def pyproject_requirements() -> dict[str, str]:
+    """name → the requirement as pyproject writes it (e.g. ``lm-eval[hf]==0.4.13``)."""
+    return {requirement_name(s): s.replace(" ", "") for s in PYPROJECT["project"]["dependencies"]}
+
+
+def pip_installs(dockerfile: Path) -> list[list[str]]:
+    """The arguments of every ``pip install`` in the Dockerfile's RUN instructions."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    runs = [line.strip()[4:] for line in text.splitlines() if line.strip().startswith("RUN ")]
+    installs = []
+    for run in runs:
+        for command in re.split(r"&&|;", run):
+            words = [w.strip("\"'") for w in command.split()]
+            if words[:2] == ["pip", "install"]:
+                installs.append(words[2:])
+    return installs
+
+
+def installed_requirements(dockerfile: Path) -> dict[str, str]:
+    return {requirement_name(w): w for args in pip_installs(dockerfile) for w in args if not w.startswith("-") and w != "."}
+
+
+def test_pins_in_every_dockerfile_are_pyprojects():
+    wanted = pyproject_requirements()
+    for image, dockerfile in IMAGES.items():
+        for name, requirement in installed_requirements(dockerfile).items():
+            assert name in wanted, f"{dockerfile}: installs {requirement}, which pyproject.toml does not list"
+            assert requirement == wanted[name], f"{dockerfile}: installs {requirement}, pyproject.toml pins {wanted[name]}"
+
+
+def test_the_main_image_installs_pinned_torch_then_the_package_with_its_dependencies():
+    installs = pip_installs(IMAGES["fedllm"])
+    assert installs[0] == [pyproject_requirements()["torch"]], "torch first, at pyproject's pin"
+    assert ["."] in installs, "the package itself, which pulls every other pin (kfp included)"
+
+
+def test_the_nemo_image_keeps_nemos_torch_leaves_out_kfp_and_pins_the_rest():
+    installs = pip_installs(IMAGES["fedllm-nemo"])
+    assert ["--no-deps", "."] in installs, "fedllm without its dependencies: NeMo's torch, no kfp"
+    installed = set(installed_requirements(IMAGES["fedllm-nemo"]))
+    assert installed == set(pyproject_requirements()) - {"torch", "kfp", "kfp-kubernetes"}
+
+
+def test_every_image_runs_the_fedllm_console_script():
+    assert PYPROJECT["project"]["scripts"]["fedllm"] == "fedllm.cli:main"
+    for dockerfile in IMAGES.values():
+        text = dockerfile.read_text()
+        assert 'ENTRYPOINT ["fedllm"]' in text, dockerfile
+        user = re.findall(r"^USER (\S+)", text, re.M)
+        assert user and not user[-1].startswith(("0", "root")), f"{dockerfile}: runs as root"
+
+
+def test_the_makefile_builds_these_dockerfiles():
+    makefile = (REPO / "Makefile").read_text()
+    for image, dockerfile in IMAGES.items():
+        assert f"-f {dockerfile.relative_to(REPO)} ." in makefile, f"Makefile target 'images' does not build {dockerfile}"
+
+
+# Commands as the chart, the pipeline and the images write them: `fedllm x` in
+# backticks, an indented/"$ "/": " command line, or an exec-form list.
+COMMAND_PATTERNS = [
+    r"`fedllm ([a-z][a-z-]*)",
+    r"(?:^\s{2,}(?:\$ )?|^\$ |:\s{2,})fedllm ([a-z][a-z-]*)",
+    r"\[\s*\"fedllm\"\s*,\s*\"([a-z][a-z-]*)\"",
+]
+USERS = ["charts/**/*.yaml", "charts/**/*.txt", "charts/**/*.tpl", "components/*.py", "pipelines/*.py", "pipelines/*.yaml", "images/**/Dockerfile"]
+
+
+def used_commands() -> tuple[set[str], set[str]]:
+    subcommands, modules = set(), set()
+    for pattern in USERS:
+        for path in REPO.glob(pattern):
+            text = path.read_text()
+            for regex in COMMAND_PATTERNS:
+                subcommands |= set(re.findall(regex, text, re.M))
+            modules |= set(re.findall(r"-m[\"',\s]+(fedllm(?:\.[a-z_]+)+)", text))
+    return subcommands, modules
+
+
+def test_every_fedllm_command_the_deployment_runs_exists():
+    subcommands, modules = used_commands()
+    choices = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert subcommands, "found no fedllm commands at all; the patterns are wrong"
+    missing = sorted(subcommands - set(choices))
+    assert not missing, f"`fedllm {missing[0]}` is used but fedllm.cli has no such subcommand"
+    assert modules, "the chart runs `python -m fedllm.deploy.participant`; none found"
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, f"python -m {module}: no such module"

@@ -1,0 +1,91 @@
+"""Submit mode of the pipeline's federate step, against a real federation.
+
+A server and two sites run on localhost as separate processes from startup kits
+that ``fedllm.deploy.provision`` made (the kits the Helm chart mounts as
+Secrets), every link gRPC over mutual TLS. The federate step, in submit mode,
+logs in with the admin kit laid out as a Secret mount, submits the tiny LoRA
+job of a prepared run, streams the rounds into its log and reads the result
+back into its output artifact.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fedllm.deploy.provision import provision
+from fedllm.pipeline.steps import federate_step
+from fedllm.run import prepare_run
+from test_federation_mtls import Participants, free_port, mount_secret
+
+pytestmark = pytest.mark.federation
+
+SITES = ["site-1", "site-2"]
+# Two sources, each one site named like the federation's clients; LoRA keeps the exchange small.
+TINY_LORA = [
+    "data.sources=[{name: dolly, format: dolly, path: dolly_15k, max_records: 60, site: site-1},"
+    " {name: oasst1, format: oasst1, path: oasst1/en-validation.jsonl, max_records: 60, site: site-2}]",
+    "data.max_val_records_per_site=8",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.vocab_size=512",
+    "model.tiny.num_heads=2",
+    "method.name=lora",
+    "training.steps_per_round=2",
+    "training.micro_batch_size=4",
+    "federation.rounds=2",
+    "evaluation.enabled=false",
+]
+
+
+@pytest.fixture
+def federation(tmp_path):
+    values = {
+        "server": {"host": "localhost", "flPort": free_port(), "adminPort": free_port()},
+        "sites": [{"name": s} for s in SITES],
+    }
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    kits = provision(tmp_path / "values.yaml", tmp_path / "kits")
+    procs = Participants(tmp_path)
+    try:
+        for name in ["server", *SITES]:
+            procs.start(name, mount_secret(kits["secrets"][name], tmp_path / "mounts" / name))
+        yield mount_secret(kits["secrets"]["admin"], tmp_path / "mounts" / "admin"), procs
+    finally:
+        procs.stop_all()
+
+
+def test_submit_mode_runs_the_job_on_the_federation_and_reads_the_result_back(federation, tmp_path, shared_data, capsys):
+    from fedllm.config import load_config
+    from conftest import DEMO_CONFIG
+
+    admin_kit, procs = federation
+    prepared = prepare_run(load_config(DEMO_CONFIG, TINY_LORA), tmp_path / "prepared")
+    model_out = tmp_path / "artifacts" / "model"
+
+    result = federate_step(str(prepared), str(model_out), mode="submit", admin_kit=str(admin_kit),
+                           shared_run_root=str(tmp_path / "shared"), timeout_s=180)
+
+    log = capsys.readouterr().out
+    assert "submitted job" in log and "FINISHED:COMPLETED" in log
+    assert "round 2/2: global model saved" in log
+    for site in SITES:
+        assert f"site {site} round 2/2" in log
+
+    # The output artifact holds what the run gained, read back from the shared run dir.
+    entry = json.loads((model_out / "settings" / "fedavg.json").read_text())
+    assert entry == result
+    assert entry["kind"] == "federated" and entry["val_loss"] > 0
+    assert [r["round"] for r in entry["rounds"]] == [1, 2] and entry["best_round"] in (1, 2)
+    assert set(entry["bytes_per_round"]) == set(SITES)
+    for site in SITES:
+        sent = [r["sent"] for r in entry["bytes_per_round"][site]]
+        assert len(sent) == 2 and all(b > 0 for b in sent)
+        assert (model_out / "events" / f"site-{site}.jsonl").is_file()
+    assert (model_out / "federation" / "rounds" / "round-002" / "exchanged.safetensors").is_file()
+    # A relative path: the step's workspace on the shared volume is gone, the artifact stays.
+    assert not entry["adapter_dir"].startswith("/") and (model_out / entry["adapter_dir"]).is_dir()
+    assert not (model_out / "data").exists() and not (model_out / "models" / "base").exists()
+    assert not list((tmp_path / "shared").iterdir()), "the shared run copy is removed after the step"
