@@ -1,0 +1,269 @@
+"""B3 — the FedAvg server's peak memory with a >=100M-parameter model, 2 -> 8 sites.
+
+Runs real NVFlare 2.9 federations in POC mode (``PocEnv``: the server, its job process and
+every site are separate processes, as in production) in a temporary POC workspace. The model
+is ``torch.nn.Transformer`` at GPT-2-base widths (d_model 768, 12 heads, FFN 3072; 7 encoder
++ 6 decoder layers = 106.3M parameters, 425 MB in fp32), full-model SFT weights (no PEFT).
+Each site only adds small noise to the weights it receives (``bench/common.py --noise``), so
+the run measures aggregation, not training.
+
+While the job runs, a sampler reads every 50 ms the RSS of each server process separately:
+the server parent (``server_train``) and the job process it spawns (``runner_process``), where
+FedAvg aggregates. Peak RSS / model size is reported per process.
+
+Variants:
+
+* ``nvflare-defaults``: the recipe as NVFlare builds it (numpy exchange, InTime aggregation);
+* ``fedllm``: what ``fedllm/federation/job.py`` ships (``job.server_memory_settings()``);
+* ``fedllm-running-avg``: PyTorch exchange + ``RunningWeightedAverage`` + ``apply_memory_settings``;
+* ``fedllm-streaming``: that + NVFlare's tensor streaming with disk offload on the server.
+
+    .venv/bin/python bench/b3_server_memory.py --sites 2 4 8 --rounds 3
+    .venv/bin/python bench/b3_server_memory.py --quick     # 2 sites, a 4x smaller model
+
+Prints a Markdown table and writes ``bench/results/b3.json``; ``peak_rss_over_model`` is the
+server job process's peak for the shipped variant, per number of sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.common import print_table, write_result  # noqa: E402
+
+MODEL = {
+    "class_path": "torch.nn.Transformer",
+    "args": {
+        "d_model": 768,
+        "nhead": 12,
+        "num_encoder_layers": 7,
+        "num_decoder_layers": 6,
+        "dim_feedforward": 3072,
+    },
+}
+QUICK_MODEL_ARGS = {"d_model": 512, "nhead": 8, "num_encoder_layers": 3, "num_decoder_layers": 3, "dim_feedforward": 2048}
+VARIANTS = ("nvflare-defaults", "fedllm", "fedllm-running-avg", "fedllm-streaming")
+SAMPLE_EVERY_S = 0.05
+
+
+def model_size_bytes(model: dict = MODEL) -> tuple[int, int]:
+    """(parameter count, fp32 bytes) of ``model``'s state dict, computed from the real module."""
+    import torch
+
+    module = torch.nn.Transformer(**model["args"])
+    count = sum(t.numel() for t in module.state_dict().values())
+    nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return count, nbytes
+
+
+class ServerMemorySampler(threading.Thread):
+    """Samples, every 50 ms, the RSS of each server process of the POC federation in ``root``.
+
+    Processes are recognised by their command line (NVFlare module names) and by the POC
+    workspace path in it; each process's peak is kept separately, by role and pid.
+    """
+
+    ROLES = {
+        "server_train": "server parent",
+        "runner_process": "server job",
+    }
+
+    def __init__(self, root: str):
+        super().__init__(daemon=True)
+        self.root = root
+        self.peaks: dict[int, dict] = {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if self.root not in cmdline or "server" not in cmdline:
+                    continue
+                role = next((r for key, r in self.ROLES.items() if key in cmdline), None)
+                if role is None:
+                    continue
+                try:
+                    rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                entry = self.peaks.setdefault(proc.pid, {"role": role, "peak_rss": 0, "first_rss": rss, "samples": 0})
+                entry["peak_rss"] = max(entry["peak_rss"], rss)
+                entry["samples"] += 1
+            self._done.wait(SAMPLE_EVERY_S)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def build_recipe(variant: str, model: dict, sites: int, rounds: int, noise: float, workdir: Path):
+    """The benchmark's FedAvg recipe with ``variant``'s memory settings."""
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.client.config import ExchangeFormat
+
+    from fedllm.federation.aggregation import RunningWeightedAverage
+    from fedllm.federation.tuning import apply_memory_settings, apply_round_tuning, server_memory_settings
+
+    kwargs = {}
+    if variant == "fedllm":
+        kwargs = server_memory_settings()
+    elif variant in ("fedllm-running-avg", "fedllm-streaming"):
+        kwargs = {"server_expected_format": ExchangeFormat.PYTORCH, "aggregator": RunningWeightedAverage()}
+        if variant == "fedllm-streaming":
+            kwargs["enable_tensor_disk_offload"] = True
+    recipe = FedAvgRecipe(
+        name=f"b3-{variant}-{sites}",
+        model=model,
+        min_clients=sites,
+        num_rounds=rounds,
+        train_script="bench/common.py",
+        train_args=f"--train-ms 0 --noise {noise} --times-dir {workdir / 'site_times'}",
+        **kwargs,
+    )
+    apply_round_tuning(recipe)
+    if variant != "nvflare-defaults":
+        apply_memory_settings(recipe)
+    if variant == "fedllm-streaming":
+        recipe.enable_tensor_streaming()
+    return recipe
+
+
+def run_federation(variant: str, sites: int, rounds: int, noise: float, workdir: Path, model: dict = MODEL) -> dict:
+    from nvflare.recipe.poc_env import PocEnv
+
+    os.environ["NVFLARE_POC_WORKSPACE"] = str(workdir / "poc")
+    recipe = build_recipe(variant, model, sites, rounds, noise, workdir)
+    env = PocEnv(num_clients=sites)
+    sampler = ServerMemorySampler(str(workdir / "poc"))
+    sampler.start()
+    started = time.monotonic()
+    try:
+        run = _submit(recipe, env)
+        status = run.get_result(timeout=1800)
+        status_text = run.get_status()
+    finally:
+        wall_s = time.monotonic() - started
+        try:
+            sampler.stop()
+        finally:
+            try:
+                env.stop(clean_up=True)  # never leave POC services running
+            finally:
+                _kill_leftovers(str(workdir / "poc"))
+    return {"wall_s": wall_s, "job_status": str(status_text), "result": str(status), "processes": sampler.peaks}
+
+
+def _kill_leftovers(root: str) -> None:
+    """End this benchmark's POC processes that ``env.stop`` missed (it cannot reach a server
+    that never came up, and that server's sites keep retrying); only processes whose command
+    line names this run's own POC workspace."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if root in " ".join(proc.info["cmdline"] or []) and proc.pid != os.getpid():
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def _submit(recipe, env, attempts: int = 3):
+    """``recipe.run(env)``, retried when the fresh POC server is not up yet.
+
+    PocEnv waits a fixed 3 s after starting the services and then gives the admin session
+    10 s to connect; on a loaded machine the server can take longer to listen.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return recipe.run(env)
+        except Exception as error:  # FLCommunicationError is wrapped by the session manager
+            if "connect" not in repr(error) and "connect" not in repr(error.__cause__) or attempt == attempts:
+                raise
+            print(f"[b3] POC server not reachable yet (attempt {attempt}): {error}; restarting POC", flush=True)
+            env.stop(clean_up=True)
+            _kill_leftovers(os.environ["NVFLARE_POC_WORKSPACE"])
+            time.sleep(5)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--noise", type=float, default=1e-3)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: nvflare-defaults fedllm")
+    parser.add_argument("--quick", action="store_true", help="2 sites, a 4x smaller model, the shipped variant only")
+    args = parser.parse_args(argv)
+    model = MODEL
+    if args.quick:
+        args.sites, args.variants = [2], args.variants or ["fedllm"]
+        model = {**MODEL, "args": QUICK_MODEL_ARGS}
+    args.variants = args.variants or ["nvflare-defaults", "fedllm"]
+    os.chdir(REPO)  # train_script is relative to the repo root
+
+    params, nbytes = model_size_bytes(model)
+    rows, runs = [], []
+    for sites in args.sites:
+        for variant in args.variants:
+            workdir = Path(tempfile.mkdtemp(prefix=f"b3-{variant}-{sites}-"))
+            try:
+                result = run_federation(variant, sites, args.rounds, args.noise, workdir, model)
+            except Exception as error:  # e.g. the POC server never came up: record it, measure the rest
+                print(f"[b3] {variant} sites={sites} failed: {type(error).__name__}: {error}", flush=True)
+                runs.append({"variant": variant, "sites": sites, "error": f"{type(error).__name__}: {error}"})
+                continue
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            by_role = {}
+            for pid, entry in result["processes"].items():
+                role = entry["role"]
+                by_role[role] = max(by_role.get(role, 0), entry["peak_rss"])
+            run = {"variant": variant, "sites": sites, "rounds": args.rounds, **result, "peak_rss_by_role": by_role}
+            runs.append(run)
+            job_peak = by_role.get("server job", 0)
+            parent_peak = by_role.get("server parent", 0)
+            rows.append(
+                [variant, sites, job_peak / 2**20, job_peak / nbytes, parent_peak / 2**20, parent_peak / nbytes, result["wall_s"]]
+            )
+            print(f"[b3] {variant} sites={sites}: server job peak {job_peak / nbytes:.2f}x model, "
+                  f"parent {parent_peak / nbytes:.2f}x, wall {result['wall_s']:.0f} s, status {result['job_status']}",
+                  flush=True)
+
+    print(f"model: torch.nn.Transformer {params / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB fp32")
+    print_table(
+        ["variant", "sites", "server job peak RSS (MiB)", "x model", "server parent peak RSS (MiB)", "x model", "wall (s)"],
+        rows,
+    )
+    shipped = {str(r["sites"]): r["peak_rss_by_role"].get("server job", 0) / nbytes for r in runs if r["variant"] == "fedllm" and "error" not in r}
+    payload = {
+        "benchmark": "b3",
+        "model": {**model, "parameters": params, "bytes_fp32": nbytes},
+        "setup": {"rounds": args.rounds, "noise": args.noise, "mode": "POC (PocEnv)", "sample_every_s": SAMPLE_EVERY_S},
+        "setup_line": f"torch.nn.Transformer {params / 1e6:.0f}M params, full SFT weights, POC, {args.rounds} rounds",
+        "peak_rss_over_model": shipped,
+        "by_variant": {
+            v: {str(r["sites"]): r["peak_rss_by_role"].get("server job", 0) / nbytes for r in runs if r["variant"] == v and "error" not in r}
+            for v in args.variants
+        },
+        "runs": runs,
+    }
+    path = write_result("b3", payload)
+    print(f"[b3] wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

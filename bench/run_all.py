@@ -1,0 +1,108 @@
+"""``make bench``: B1-B4 in one run, one table, one JSON result.
+
+    .venv/bin/python bench/run_all.py [--quick] [--only b1 b2 ...]
+
+Runs each benchmark's ``main`` (each also runs alone: ``bench/b1_overhead.py`` etc.), prints
+one Markdown table (model, sequence length, batch, device, medians) and writes
+``bench/results/<date>-<host>.json``:
+
+    {"b1": {"lora": {"ratio", "round_overhead_s", ...}, "sft": {...}},
+     "b2": {"lora_over_sft", "q8_over_fp32", ...},
+     "b3": {"peak_rss_over_model": {"2", "4", "8"}, ...},
+     "b4": {"speedup_over_plain", ...}, "device": "..."}
+
+A benchmark that fails is recorded with its error and the others still run; the exit code
+is then 1. ``--collect`` runs nothing: it builds the table and the JSON from the latest
+``bench/results/b1.json`` … ``b4.json`` each benchmark wrote when run alone (marked
+``"collected": true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import b1_overhead, b2_bytes, b3_server_memory, b4_training_speed  # noqa: E402
+from bench.common import device_name, print_table, write_result  # noqa: E402
+
+BENCHMARKS = {"b1": b1_overhead.main, "b2": b2_bytes.main, "b3": b3_server_memory.main, "b4": b4_training_speed.main}
+
+
+def summary_rows(result: dict) -> list[list]:
+    """The one table: benchmark, what, value, target, setup."""
+    rows = []
+    b1 = result.get("b1") or {}
+    for method in ("lora", "sft"):
+        if method in b1:
+            r, s = b1[method], b1["setup"]
+            setup = f"{s['model']}, seq {s['max_seq_length']}, batch {s['micro_batch_size']}, {r['rounds']}x{r['steps_per_round']} steps, median of {s['repeats']}"
+            rows.append(["B1", f"{method}: site tok/s / plain loop", f"{r['ratio']:.3f}", ">= 0.9 (CPU)", setup])
+            rows.append(["B1", f"{method}: overhead per round (s)", f"{r['round_overhead_s']:.2f}", "<= 0.2 (PEFT)", setup])
+            rows.append(["B1", f"{method}: fixed cost per job (s)", f"{r['fixed_cost_s']:.1f}", "<= 10", setup])
+    b2 = result.get("b2") or {}
+    if "lora_over_sft" in b2:
+        m = b2["models"][b2["headline_model"]]
+        setup = f"{b2['headline_model']} ({m['parameters'] / 1e6:.0f}M params)"
+        rows.append(["B2", "LoRA bytes / SFT bytes", f"{b2['lora_over_sft']:.4f}", "<= 0.01", setup])
+        rows.append(["B2", "prompt tuning bytes / SFT bytes", f"{b2['prompt_tuning_over_sft']:.6f}", "", setup])
+        for q in ("fp16", "blockwise8", "float4", "normfloat4"):
+            rows.append(["B2", f"SFT {q} / fp32", f"{m['methods']['sft']['over_fp32_full'][q]:.3f}",
+                         "<= 0.27" if q == "blockwise8" else "", setup])
+    b3 = result.get("b3") or {}
+    for sites, x in (b3.get("peak_rss_over_model") or {}).items():
+        rows.append(["B3", f"server peak RSS / model, {sites} sites", f"{x:.2f}", "<= 2, flat", b3.get("setup_line", "")])
+    b4 = result.get("b4") or {}
+    if "speedup_over_plain" in b4:
+        s = b4["setup"]
+        setup = f"{s['model']}, seq {s['max_seq_length']}, batch {s['micro_batch_size']}, {s['method']}, {s['steps']} steps, median of {s['repeats']}"
+        rows.append(["B4", "fedllm site (defaults) / plain loop", f"{b4['fedllm_over_plain']:.3f}", "", setup])
+        rows.append(["B4", f"best ({b4['best_variant']}) / plain loop", f"{b4['speedup_over_plain']:.3f}", ">= 1.3 (GPU)", setup])
+    for name in BENCHMARKS:
+        if isinstance(result.get(name), dict) and "error" in result[name]:
+            rows.append([name.upper(), "FAILED", result[name]["error"], "", ""])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="each benchmark's smoke run")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--collect", action="store_true", help="combine the latest per-benchmark results; run nothing")
+    args = parser.parse_args(argv)
+
+    result: dict = {"device": device_name(), "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "quick": args.quick, "collected": args.collect}
+    failed = False
+    for name in args.only if args.collect else ():
+        path = Path(__file__).resolve().parent / "results" / f"{name}.json"
+        result[name] = json.loads(path.read_text()) if path.is_file() else {"error": f"no {path.name}; run bench/{name}_*.py"}
+    for name in () if args.collect else args.only:
+        print(f"== {name} ==", flush=True)
+        try:
+            result[name] = BENCHMARKS[name](["--quick"] if args.quick else [])
+        except Exception as error:  # one failing benchmark must not hide the others' numbers
+            traceback.print_exc()
+            result[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+            failed = True
+    result["gpu_note"] = None if "no GPU" not in result["device"] else "no GPU was lent to this run: CPU numbers only"
+
+    print()
+    print(f"device: {result['device']}")
+    print_table(["bench", "measure", "value", "target", "setup"], summary_rows(result))
+    stamp = datetime.date.today().isoformat()
+    path = write_result(f"{stamp}-{socket.gethostname()}", result)
+    print(f"[bench] wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

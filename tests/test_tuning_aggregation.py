@@ -1,0 +1,86 @@
+"""RunningWeightedAverage gives the same numbers as a direct weighted mean, and frees updates."""
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from fedllm.errors import FedllmError
+from fedllm.federation.aggregation import RunningWeightedAverage
+
+
+def _site_result(site, params, steps, metrics=None):
+    return FLModel(
+        params=params,
+        params_type=ParamsType.FULL,
+        metrics=metrics,
+        meta={"client_name": site, FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+    )
+
+
+def test_numpy_weights_match_a_direct_weighted_mean():
+    rng = np.random.default_rng(7)
+    updates = {f"site-{i}": {"w": rng.normal(size=(5, 3)).astype(np.float32), "b": rng.normal(size=3)} for i in (1, 2, 3)}
+    steps = {"site-1": 10, "site-2": 30, "site-3": 60}
+    expected = {
+        name: sum(steps[s] * updates[s][name].astype(np.float64) for s in updates) / sum(steps.values())
+        for name in ("w", "b")
+    }
+    aggregator = RunningWeightedAverage(site_weights={"site-3": 1.0})
+    for site, params in updates.items():
+        aggregator.accept_model(_site_result(site, {k: v.copy() for k, v in params.items()}, steps[site]))
+    result = aggregator.aggregate_model()
+
+    assert result.params["w"].dtype == np.float32 and result.params["b"].dtype == np.float64
+    np.testing.assert_allclose(result.params["w"], expected["w"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(result.params["b"], expected["b"], rtol=1e-12)
+    assert result.meta["nr_aggregated"] == 3
+    assert result.params_type == ParamsType.FULL
+
+
+def test_torch_weights_site_weights_and_metrics():
+    torch.manual_seed(0)
+    a = {"layer.weight": torch.randn(4, 4), "steps": torch.tensor(10)}
+    b = {"layer.weight": torch.randn(4, 4), "steps": torch.tensor(21)}
+    # site-2 counts twice (site_weights) and trained 3 steps vs 1: weights 1 and 6
+    expected = (1 * a["layer.weight"] + 6 * b["layer.weight"]) / 7
+    aggregator = RunningWeightedAverage(site_weights={"site-2": 2.0})
+    aggregator.accept_model(_site_result("site-1", {k: v.clone() for k, v in a.items()}, 1, {"loss": 1.0, "note": "x"}))
+    aggregator.accept_model(_site_result("site-2", {k: v.clone() for k, v in b.items()}, 3, {"loss": 3.0}))
+    result = aggregator.aggregate_model()
+
+    torch.testing.assert_close(result.params["layer.weight"], expected)
+    # integer parameters: weighted mean rounded back to the sent dtype, (10 + 6*21) / 7 = 19.43
+    assert result.params["steps"].dtype == torch.int64 and int(result.params["steps"]) == 19
+    assert result.metrics == pytest.approx({"loss": (1 * 1.0 + 6 * 3.0) / 7})
+
+
+def test_each_update_is_emptied_while_it_is_added_and_state_resets():
+    aggregator = RunningWeightedAverage()
+    site_params = {"w": np.ones(3, dtype=np.float32), "v": np.zeros(2, dtype=np.float32)}
+    aggregator.accept_model(_site_result("site-1", site_params, 1))
+    assert site_params == {}  # the site's tensors are no longer held by its result
+    first = aggregator.aggregate_model()
+    np.testing.assert_array_equal(first.params["w"], np.ones(3))
+    with pytest.raises(FedllmError, match="no site results"):
+        aggregator.aggregate_model()
+
+
+def test_a_site_missing_a_parameter_is_averaged_over_the_sites_that_sent_it():
+    aggregator = RunningWeightedAverage()
+    aggregator.accept_model(_site_result("site-1", {"w": np.array([2.0]), "only1": np.array([5.0])}, 1))
+    aggregator.accept_model(_site_result("site-2", {"w": np.array([4.0])}, 1))
+    result = aggregator.aggregate_model()
+    assert result.params["w"].tolist() == [3.0] and result.params["only1"].tolist() == [5.0]
+
+
+def test_bad_input_names_the_site_and_what_is_accepted():
+    aggregator = RunningWeightedAverage()
+    aggregator.accept_model(_site_result("site-1", {"w": np.zeros((2, 2))}, 1))
+    with pytest.raises(FedllmError, match=r"'w' has shape \(3,\)"):
+        aggregator.accept_model(_site_result("site-2", {"w": np.zeros(3)}, 1))
+    with pytest.raises(FedllmError, match="site 'site-3'.*expected a number >= 0"):
+        aggregator.accept_model(_site_result("site-3", {"w": np.zeros((2, 2))}, -1))
+    with pytest.raises(FedllmError, match=r"site_weights\['site-1'\]"):
+        RunningWeightedAverage(site_weights={"site-1": "heavy"})

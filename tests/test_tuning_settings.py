@@ -1,0 +1,76 @@
+"""fedllm's round and memory settings land in the exported NVFlare job config."""
+
+import json
+import sys
+
+import pytest
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+from fedllm.errors import FedllmError
+from fedllm.federation.aggregation import RunningWeightedAverage
+from fedllm.federation.tuning import (
+    RoundTuning,
+    apply_memory_settings,
+    apply_round_tuning,
+    site_process_settings,
+)
+
+
+def _recipe(tmp_path, **kwargs):
+    script = tmp_path / "site.py"
+    script.write_text("import nvflare.client as flare\nflare.init()\n")
+    return FedAvgRecipe(
+        name="tuned",
+        model={"class_path": "torch.nn.Linear", "args": {"in_features": 4, "out_features": 2}},
+        min_clients=2,
+        num_rounds=3,
+        train_script=str(script),
+        **kwargs,
+    )
+
+
+def _exported_configs(recipe, job_dir):
+    recipe.export(str(job_dir))
+    app = job_dir / "tuned" / "app" / "config"
+    return json.loads((app / "config_fed_server.json").read_text()), json.loads((app / "config_fed_client.json").read_text())
+
+
+def test_tuned_job_exports_every_setting(tmp_path):
+    recipe = _recipe(tmp_path, aggregator=RunningWeightedAverage(), **site_process_settings())
+    applied = apply_round_tuning(recipe)
+    apply_memory_settings(recipe)
+    server, client = _exported_configs(recipe, tmp_path / "job")
+
+    assert server["server"]["task_request_interval"] == applied.task_request_interval == 0.05
+    (controller,) = [wf for wf in server["workflows"] if wf["path"].endswith("fedavg.FedAvg")]
+    assert controller["args"]["task_check_period"] == 0.01
+    assert controller["args"]["memory_gc_rounds"] == 1
+    assert controller["args"]["aggregator"]["path"] == "fedllm.federation.aggregation.RunningWeightedAverage"
+
+    assert client["default_task_fetch_interval"] == 0.05
+    (executor,) = client["executors"]
+    assert executor["executor"]["args"]["execution_mode"] == "external_process"
+    assert executor["executor"]["args"]["command"][0] == sys.executable
+
+
+def test_nvflare_defaults_are_what_the_tuning_replaces(tmp_path):
+    server, client = _exported_configs(_recipe(tmp_path), tmp_path / "job")
+    (controller,) = server["workflows"]
+    # NVFlare leaves these at their defaults (2 s request interval, 0.5 s check period)
+    assert "server" not in server and "default_task_fetch_interval" not in client
+    assert "task_check_period" not in controller["args"] and "memory_gc_rounds" not in controller["args"]
+
+
+def test_custom_intervals_and_bad_values(tmp_path):
+    recipe = _recipe(tmp_path)
+    apply_round_tuning(recipe, RoundTuning(task_request_interval=0.2, task_check_period=0.05))
+    server, _ = _exported_configs(recipe, tmp_path / "job")
+    assert server["server"]["task_request_interval"] == 0.2
+    assert server["workflows"][0]["args"]["task_check_period"] == 0.05
+
+    with pytest.raises(FedllmError, match=r"RoundTuning.task_check_period=0: expected a positive number"):
+        apply_round_tuning(_recipe(tmp_path), RoundTuning(task_check_period=0))
+    with pytest.raises(FedllmError, match="gc_every_rounds=0"):
+        apply_memory_settings(_recipe(tmp_path), gc_every_rounds=0)
+    with pytest.raises(FedllmError, match="expected an nvflare FedAvgRecipe"):
+        apply_round_tuning(object())
