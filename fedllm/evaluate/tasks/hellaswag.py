@@ -45,6 +45,7 @@ import os
 from pathlib import Path
 
 from fedllm.errors import FedllmError
+from fedllm.evaluate.tasks.rows import validation_split_loader
 
 ITEMS = "hellaswag/hellaswag_val_full.txt.bz2"
 LINES_PER_ITEM = 6
@@ -101,14 +102,5 @@ def read_docs(data_dir: str | os.PathLike) -> list[dict]:
     return docs
 
 
-def load_rows(data_dir: str, first_docs: int | None = None, **_task_metadata):
-    """lm-eval ``custom_dataset`` hook: the documents as the task's ``validation`` split.
-
-    Every row is read and checked; with ``first_docs`` only the first ones are handed
-    to lm-eval (see :mod:`fedllm.evaluate.tasks`). lm-eval also passes the task's
-    metadata (version, config source, ...) as keyword arguments; they are ignored.
-    """
-    import datasets
-
-    docs = read_docs(data_dir)
-    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(docs[:first_docs])})
+# lm-eval's ``custom_dataset`` hook (see fedllm.evaluate.tasks).
+load_rows = validation_split_loader(read_docs)

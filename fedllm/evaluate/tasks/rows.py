@@ -60,3 +60,21 @@ def check_label(label: str, allowed: tuple[str, ...], labels: Path, number: int)
     if label not in allowed:
         raise FedllmError(f"{labels}:{number}: label {label!r} is not one of {', '.join(allowed)}")
     return label
+
+
+def validation_split_loader(read_docs):
+    """An lm-eval ``custom_dataset`` hook serving ``read_docs(data_dir)`` as the task's
+    ``validation`` split.
+
+    Every row is read and checked; with ``first_docs`` only the first ones are handed
+    to lm-eval (see :mod:`fedllm.evaluate.tasks`). lm-eval also passes the task's
+    metadata (version, config source, ...) as keyword arguments; they are ignored.
+    """
+
+    def load_rows(data_dir: str, first_docs: int | None = None, **_task_metadata):
+        import datasets
+
+        docs = read_docs(data_dir)
+        return datasets.DatasetDict({"validation": datasets.Dataset.from_list(docs[:first_docs])})
+
+    return load_rows

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from fedllm.errors import FedllmError
-from fedllm.evaluate.tasks.rows import check_label, read_questions_and_labels
+from fedllm.evaluate.tasks.rows import check_label, read_questions_and_labels, validation_split_loader
 
 QUESTIONS = "winogrande/dev.jsonl"
 LABELS = "winogrande/dev-labels.lst"
@@ -37,14 +37,5 @@ def read_docs(data_dir: str | os.PathLike) -> list[dict]:
     return docs
 
 
-def load_rows(data_dir: str, first_docs: int | None = None, **_task_metadata):
-    """lm-eval ``custom_dataset`` hook: the documents as the task's ``validation`` split.
-
-    Every row is read and checked; with ``first_docs`` only the first ones are handed
-    to lm-eval (see :mod:`fedllm.evaluate.tasks`). lm-eval also passes the task's
-    metadata (version, config source, ...) as keyword arguments; they are ignored.
-    """
-    import datasets
-
-    docs = read_docs(data_dir)
-    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(docs[:first_docs])})
+# lm-eval's ``custom_dataset`` hook (see fedllm.evaluate.tasks).
+load_rows = validation_split_loader(read_docs)
