@@ -209,11 +209,11 @@ class ExperimentConfig:
     # -- derived values a caller may rely on ---------------------------------
     def resolve_data_path(self, path: str) -> str:
         """A source path as a loader reads it: URIs and absolute paths as given,
-        relative paths against ``$FEDLLM_DATA_DIR`` if set (a site points the
-        same config at its own copy), else the config's ``data_dir``."""
+        relative paths against the config's ``data_dir``, or ``$FEDLLM_DATA_DIR``
+        when the config names none."""
         if "://" in path or os.path.isabs(path):
             return path
-        base = os.environ.get("FEDLLM_DATA_DIR") or self.data_dir
+        base = self.data_dir or os.environ.get("FEDLLM_DATA_DIR")
         return str(Path(base) / path) if base else path
 
     def to_dict(self) -> dict:
@@ -409,19 +409,21 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None) 
     path = Path(path)
     if not path.is_file():
         raise FedllmError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise FedllmError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    from fedllm.files import read_yaml
+
+    tree = read_yaml(path) or {}
     if not isinstance(tree, dict):
         raise FedllmError(f"{path}: expected a mapping at the top level")
     apply_overrides(tree, overrides or [])
     try:
-        return config_from_dict(tree, str(path))
+        cfg = config_from_dict(tree, str(path))
     except FedllmError as e:
         raise FedllmError(f"{path}: {e}") from None
+    if cfg.data_dir and "://" not in cfg.data_dir:
+        # Relative to where the user ran the command, fixed now: the resolved
+        # config.yaml a run dir keeps is read later from other working dirs.
+        cfg.data_dir = os.path.abspath(cfg.data_dir)
+    return cfg
 
 
 def dump_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:

@@ -135,7 +135,7 @@ def test_bad_values_fail_naming_the_field(tmp_path, values, message):
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "values.yaml"
     path.write_text("sites:\n  - name: a\n  bad: [\n")
-    with pytest.raises(FedllmError, match=rf"{path}:\d+: not valid YAML"):
+    with pytest.raises(FedllmError, match=rf"{path}:\d+: invalid YAML"):
         provision(path, tmp_path / "out")
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 from fedllm.data.records import Example
 from fedllm.errors import FedllmError
+from fedllm.files import json_object
 
 Row = tuple[str, dict]  # (origin "path:line" or "path:#index", the raw record)
 
@@ -71,13 +72,7 @@ def _jsonl_rows(path: Path) -> list[Row]:
         if not line.strip():
             continue
         origin = f"{path}:{n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FedllmError(f"{origin}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise FedllmError(f"{origin}: expected a JSON object per line, got {type(record).__name__}")
-        rows.append((origin, record))
+        rows.append((origin, json_object(line, origin)))
     return rows
 
 

@@ -8,22 +8,7 @@ from pathlib import Path
 
 from fedllm.data.records import Example
 from fedllm.errors import FedllmError
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so a
-    reader sees the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from fedllm.files import json_object, write_atomic
 
 
 def dumps_jsonl(examples: list[Example]) -> bytes:
@@ -45,12 +30,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FedllmError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise FedllmError(f"{path}:{n}: expected a JSON object (an Example record)")
+            record = json_object(line, f"{path}:{n}")
             try:
                 examples.append(Example.from_dict(record))
             except TypeError as e:

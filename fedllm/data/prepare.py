@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedllm.config import ExperimentConfig
-from fedllm.data.jsonl import dumps_jsonl, read_jsonl, write_atomic
+from fedllm.data.jsonl import dumps_jsonl, read_jsonl
+from fedllm.files import write_atomic
 from fedllm.data.partition import partition_examples
 from fedllm.data.prompts import get_template
 from fedllm.data.records import Example

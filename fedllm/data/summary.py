@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from fedllm.data.jsonl import write_atomic
+from fedllm.files import write_atomic
 from fedllm.data.records import Example
 from fedllm.data.splits import SPLITS
 

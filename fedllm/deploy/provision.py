@@ -28,6 +28,7 @@ from typing import Any, Optional
 import yaml
 
 from fedllm.errors import FedllmError
+from fedllm.files import read_yaml
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "fedllm-federation"
 SITE_NAME_MAX = 40  # leaves room for "<release>-" and suffixes within 63-character names
@@ -48,12 +49,7 @@ def load_values(values_path: str | Path, chart_dir: Path = CHART_DIR) -> dict:
     path = Path(values_path)
     if not path.is_file():
         raise FedllmError(f"{path}: values file not found; pass the file you give to `helm install -f`")
-    try:
-        user = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise FedllmError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    user = read_yaml(path) or {}
     if not isinstance(user, dict):
         raise FedllmError(f"{path}: a values file is a YAML mapping, got {type(user).__name__}")
     defaults_file = chart_dir / "values.yaml"

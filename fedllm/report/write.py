@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedllm.data.jsonl import write_atomic
+from fedllm.files import write_atomic
 from fedllm.report.communication import communication_section
 from fedllm.report.curves import curves_section
 from fedllm.report.document import Document

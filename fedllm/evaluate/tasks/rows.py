@@ -7,10 +7,10 @@ and line, because a silently skipped or shifted row would move every later label
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fedllm.errors import FedllmError
+from fedllm.files import json_object
 
 
 def read_text_lines(path: Path) -> list[str]:
@@ -40,12 +40,7 @@ def read_questions_and_labels(questions: Path, labels: Path, fields: tuple[str, 
     out = []
     for number, (text, label) in enumerate(zip(question_lines, label_lines), start=1):
         origin = f"{questions}:{number}"
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FedllmError(f"{origin}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise FedllmError(f"{origin}: expected a JSON object per line, got {type(row).__name__}")
+        row = json_object(text, origin)
         for name in fields:
             if name not in row:
                 raise FedllmError(f"{origin}: missing field {name!r} (each row needs {', '.join(fields)})")
