@@ -41,13 +41,16 @@ def cmd_partition(args) -> int:
 
 
 def cmd_federate(args) -> int:
-    from fedllm.run import prepare_run, run_federation
+    from fedllm.run import is_prepared, prepare_run, run_federation
 
     cfg = _load(args)
     run = _out_dir(args, cfg)
-    if not (run / "data" / "partition.json").is_file() or args.set or args.reprepare:
-        run = prepare_run(cfg, run)
-    result = run_federation(run)
+    if args.resume and not args.reprepare:
+        if not is_prepared(cfg, run):
+            run = prepare_run(cfg, run, store=args.store)
+    elif not (run / "data" / "partition.json").is_file() or args.set or args.reprepare:
+        run = prepare_run(cfg, run, store=args.store)
+    result = run_federation(run, resume=args.resume, store=args.store)
     print(f"fedavg: val_loss {result['val_loss']:.4f} after {len(result['time_per_round_s'])} rounds "
           f"({result['job_seconds']:.1f} s); global models in {run}/federation/rounds")
     return 0
@@ -73,21 +76,113 @@ def cmd_run(args) -> int:
     from fedllm.run import run_experiment
 
     cfg = _load(args)
-    summary = run_experiment(cfg, _out_dir(args, cfg), progress=not args.no_progress)
+    from fedllm.report import format_table_text
+
+    run = _out_dir(args, cfg)
+    summary = run_experiment(cfg, run, progress=not args.no_progress, store=args.store, resume=args.resume)
     print()
-    print(settings_table(summary))
-    print(f"\nsummary: {_out_dir(args, cfg) / 'summary.json'}")
+    print(format_table_text(summary))
+    print(f"\nsummary: {run / 'summary.json'}\nreport:  {run / 'report' / 'index.html'}")
     return 0
 
 
-def settings_table(summary: dict) -> str:
-    """The settings of a run, one line each (val loss on the combined set)."""
-    rows = [("setting", "val_loss", "tokens/s", "steps")]
-    for name, s in summary["settings"].items():
-        tps = s.get("train_tokens_per_s")
-        rows.append((name, f"{s['val_loss']:.4f}", f"{tps:.0f}" if tps else "-", str(s.get("steps", "-"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+def cmd_report(args) -> int:
+    from fedllm.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from fedllm.store import bundle, redact
+
+    meta = {}
+    for item in args.meta:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FedllmError(f"--meta {item!r}: expected KEY=VALUE, e.g. --meta source=hf:org/name")
+        meta[key] = value
+    manifest = bundle(args.local_path, args.uri, meta)
+    print(f"bundled {len(manifest['files'])} files ({manifest['total_bytes']} bytes) to {redact(args.uri)}")
+    return 0
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="store URI (s3://bucket/prefix or a path) that receives every checkpoint and "
+                                   "artifact of the run (default: $FEDLLM_STORE; none if unset)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run: reuse finished steps, "
+                                                         "resume the federation from its last persisted round")
+
+
+def cmd_evaluate(args) -> int:
+    from fedllm.evaluate import evaluate_model
+
+    result = evaluate_model(
+        args.model,
+        adapter_path=args.adapter,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        limit=args.limit,
+        batch_size=int(args.batch_size) if args.batch_size.isdigit() else args.batch_size,
+        task_data=args.task_data,
+        output=args.output,
+        source=args.source,
+    )
+    for name, m in result["metrics"].items():
+        err = f" ± {m['stderr']:.3f}" if m.get("stderr") is not None else ""
+        print(f"{name:22s} {m['value']:.4f}{err}")
+    if args.output:
+        print(f"written: {args.output}")
+    return 0
+
+
+def cmd_provision(args) -> int:
+    from fedllm.deploy.provision import provision
+
+    result = provision(args.values, args.out, release=args.release)
+    print(f"startup kits in {args.out}; apply the Secrets with: kubectl apply -n <namespace> -f {args.out}/secrets/")
+    for participant, name in result["secret_names"].items():
+        print(f"  {participant:20s} {name}")
+    print(f"then: helm install {args.release} charts/fedllm-federation -f {args.values} -f {result['provisioned_values']}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from fedllm.deploy.logs import follow_logs
+
+    return follow_logs(args.release, namespace=args.namespace, follow=not args.no_follow, since=args.since)
+
+
+def _pipeline_params(items: list[str]) -> dict:
+    import yaml
+
+    params = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise FedllmError(f"--param {item!r}: expected NAME=VALUE, e.g. federation_mode=submit")
+        params[key.strip()] = yaml.safe_load(value) if value else ""
+    return params
+
+
+def cmd_pipeline(args) -> int:
+    if args.action == "compile":
+        from fedllm.pipeline.build import compile_pipeline, load_placement
+
+        placement = load_placement(args.placement) if args.placement else None
+        print(compile_pipeline(args.out, image=args.image, placement=placement))
+    elif args.action == "run":
+        if not args.local:
+            raise FedllmError("fedllm pipeline run: only --local runs here; start a cluster run with `fedllm pipeline submit CONFIG --host URL`")
+        from fedllm.pipeline.local_run import run_local
+
+        run = run_local(args.config, args.set, args.root, args.pipeline, **_pipeline_params(args.param))
+        print(f"summary: {run / 'summary.json'}\nreport:  {run / 'report' / 'index.html'}")
+    else:
+        from fedllm.pipeline.kubeflow_run import submit_run
+
+        run_id, link = submit_run(args.config, args.host, args.set, args.pipeline, args.experiment, args.namespace, **_pipeline_params(args.param))
+        print(f"run {run_id}: {link}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("federate", help="run the FedAvg federation in NVFlare's simulator")
     _config_args(p)
     p.add_argument("--reprepare", action="store_true", help="rebuild partitions and base model even if present")
+    _store_args(p)
     p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("train", help="train one non-federated setting of a prepared run: site:<name>, centralized, or base (score only)")
@@ -112,10 +208,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_summarize)
 
+    p = sub.add_parser("evaluate", help="zero-shot lm-eval (HellaSwag, PIQA, WinoGrande) of a model or base + PEFT adapter")
+    p.add_argument("--model", required=True, help="HF model dir or s3:// copy (the base, when --adapter is given)")
+    p.add_argument("--adapter", help="PEFT adapter dir or s3:// copy (LoRA, IA3, p-tuning, prompt tuning)")
+    p.add_argument("--tasks", default="hellaswag,piqa,winogrande", help="comma-separated task names")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--batch-size", default="auto", help="an integer or 'auto'")
+    p.add_argument("--task-data", help="folder or s3:// prefix with piqa/, winogrande/, hellaswag/ (default: $FEDLLM_EVAL_DATA_DIR)")
+    p.add_argument("--source", default="offline", choices=["offline", "hub"], help="offline task data, or lm-eval's hub datasets")
+    p.add_argument("--output", help="write the results JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("provision", help="NVFlare provisioning from the chart's values: startup kits and one K8s Secret per participant")
+    p.add_argument("values", help="the chart values file listing the server and sites")
+    p.add_argument("-o", "--out", required=True, help="output folder (kits/ and secrets/); keep it private")
+    p.add_argument("--release", default="fedllm", help="the Helm release name the Secrets are named for")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("logs", help="follow every site of a Helm release, each line prefixed with its site")
+    p.add_argument("release")
+    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--since", type=int, help="only lines from the last N seconds")
+    p.add_argument("--no-follow", action="store_true", help="print what is there and stop")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report/index.html and report.md from summary.json")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("run", help="the whole experiment: partition, FedAvg, baselines, summary")
     _config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _store_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bundle", help="upload a local model, data set or eval task folder to a store URI, with a manifest")
+    p.add_argument("local_path", help="a folder (HF model dir, data set, eval task data) or one file")
+    p.add_argument("uri", help="where it goes, e.g. s3://models/tiny-llama")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="recorded in the manifest (repeatable)")
+    p.set_defaults(func=cmd_bundle)
+
+    from fedllm.pipeline.build import COMPILED
+
+    p = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it locally (kfp.local), or start a run on a cluster")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("compile", help="write the compiled pipeline YAML")
+    a.add_argument("--out", default=str(COMPILED), help="output file (default: the committed pipelines/federated_finetune.yaml)")
+    a.add_argument("--image", help="image every step runs (default: ghcr.io/fedllm/fedllm:<version>)")
+    a.add_argument("--placement", help="YAML of per-step GPUs, node selectors, tolerations, e.g. {federate: {gpus: 4}}")
+    for name, text in (("run", "run every step here with kfp.local (--local)"), ("submit", "start a run on Kubeflow Pipelines; prints its UI link")):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("config", help="experiment config (YAML); for submit also an s3:// URI")
+        a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+        a.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="another pipeline parameter, e.g. federation_mode=submit (repeatable)")
+        a.add_argument("--pipeline", default=str(COMPILED), help="compiled pipeline YAML")
+    actions.choices["run"].add_argument("--local", action="store_true", help="run on this machine (the only place `run` runs)")
+    actions.choices["run"].add_argument("--root", default="runs/pipeline", help="where every step's artifacts go")
+    actions.choices["submit"].add_argument("--host", required=True, help="Kubeflow Pipelines API, e.g. http://localhost:8080")
+    actions.choices["submit"].add_argument("--namespace", help="Kubeflow profile namespace")
+    actions.choices["submit"].add_argument("--experiment", default="fedllm", help="experiment the run is filed under")
+    p.set_defaults(func=cmd_pipeline)
     return parser
 
 

@@ -4,11 +4,17 @@
     run_federation   FedAvg in NVFlare's simulator            → settings/fedavg.json
     run_baseline     one site alone, or centralized             → settings/<setting>.json
     score_base       the untouched base model                   → settings/base.json
+    evaluate_setting zero-shot lm-eval of one setting's model     → evals/<setting>.json
     write_summary    settings/*.json → summary.json (written last, atomically)
-    run_experiment   all of the above, in order (``fedllm run``)
+    run_experiment   all of the above, then the report, in order (``fedllm run``)
 
 A run dir without summary.json is incomplete: summary.json is removed when a
 run starts and written only when every setting has finished.
+
+With a store (``store=`` / ``--store URI`` / ``$FEDLLM_STORE``) each step also
+publishes what it wrote there (``fedllm.artifacts.publish``); with ``resume``
+a step whose result is already in the run dir is not run again, and the
+federation continues from its last persisted round.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from fedllm import events
+from fedllm.artifacts import publish, store_uri_of
 from fedllm.config import ExperimentConfig, dump_config, load_config
 from fedllm.errors import FedllmError
 
@@ -57,7 +64,7 @@ def describe_model(cfg: ExperimentConfig, base_dir: Path) -> dict:
     }
 
 
-def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
+def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike, store: Optional[str] = None) -> Path:
     """Make the run dir every later step reads: config.yaml, data/, models/base.
 
     The base model of a ``tiny`` config is built here, its tokenizer trained on
@@ -68,7 +75,9 @@ def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
 
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
-    (run / SUMMARY).unlink(missing_ok=True)
+    # Whatever an earlier run left is no longer complete: these mark completion.
+    for marker in (run / SUMMARY, run / "data" / "partition.json", run / "model.json"):
+        marker.unlink(missing_ok=True)
     dump_config(cfg, run / "config.yaml")
     parts = prepare_partitions(cfg, run / "data")
     texts = None
@@ -77,7 +86,26 @@ def prepare_run(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
     prepare_base_model(cfg.model, run / "models" / "base", texts, seed=cfg.seed)
     write_json_atomic(run / "model.json", describe_model(cfg, run / "models" / "base"))
     events.emit("prepared", site="driver", sites=len(parts.sites), run_dir=str(run))
+    publish(run, store_uri_of(store), "prepared")
     return run
+
+
+def is_prepared(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` was prepared from this very config (what ``--resume`` reuses).
+
+    A prepared run dir holding another config is an error: resuming it would mix
+    two experiments.
+    """
+    run = Path(run_dir).resolve()
+    if not (run / "model.json").is_file() or not (run / "data" / "partition.json").is_file():
+        return False
+    held = load_config(run / "config.yaml").fingerprint()
+    if held != cfg.fingerprint():
+        raise FedllmError(
+            f"{run / 'config.yaml'}: this run dir was prepared from another config (sha256 {held[:12]}); "
+            "--resume needs the same config and --set overrides, or a new --out dir"
+        )
+    return True
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[Path, ExperimentConfig]:
@@ -87,16 +115,22 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Path, ExperimentConfig]:
     return run, load_config(run / "config.yaml")
 
 
-def run_federation(run_dir: str | os.PathLike) -> dict:
+def run_federation(run_dir: str | os.PathLike, resume: bool = False, store: Optional[str] = None) -> dict:
+    """FedAvg (see fedllm.federation.federate); ``resume`` continues from the last
+    persisted round, or returns the finished result if there is one."""
     from fedllm.federation.federate import federate
 
     run, cfg = load_run(run_dir)
-    result = federate(cfg, run)
+    store = store_uri_of(store)
+    if resume and setting_file(run, "fedavg").is_file():
+        return json.loads(setting_file(run, "fedavg").read_text())
+    result = federate(cfg, run, resume=resume, store=store)
     write_json_atomic(setting_file(run, "fedavg"), result)
+    publish(run, store, "fedavg")
     return result
 
 
-def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = False) -> dict:
+def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = False, store: Optional[str] = None) -> dict:
     """``site:<name>`` trains on that site's data alone; ``centralized`` on every
     site's pooled training data. Both get the budget one site gets over all
     FedAvg rounds and are scored on the combined validation set."""
@@ -127,10 +161,11 @@ def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = Fals
     if setting.startswith("site:"):
         result["site"] = setting[5:]
     write_json_atomic(setting_file(run, setting), result)
+    publish(run, store_uri_of(store), f"setting:{setting}")
     return result
 
 
-def score_base(run_dir: str | os.PathLike) -> dict:
+def score_base(run_dir: str | os.PathLike, store: Optional[str] = None) -> dict:
     """The base model before any training, on the combined validation set."""
     from fedllm.data import load_partitions
     from fedllm.train.model import load_tokenizer
@@ -144,6 +179,42 @@ def score_base(run_dir: str | os.PathLike) -> dict:
     loss = evaluate_loss(cfg, module, load_tokenizer(base), load_partitions(run / "data").combined_val())
     result = {"kind": "base", "model_dir": str(base), "adapter_dir": None, "val_loss": loss}
     write_json_atomic(setting_file(run, "base"), result)
+    publish(run, store_uri_of(store), "base")
+    return result
+
+
+def eval_file(run_dir: Path, setting: str) -> Path:
+    return Path(run_dir) / "evals" / (setting.replace(":", "-") + ".json")
+
+
+def evaluate_setting(run_dir: str | os.PathLike, setting: str, store: Optional[str] = None) -> dict:
+    """Zero-shot HellaSwag/PIQA/WinoGrande of one finished setting's model.
+
+    Task rows come from ``evaluation.task_data_dir``, else ``$FEDLLM_EVAL_DATA_DIR``,
+    else the config's data dir (a local folder or an s3:// prefix).
+    """
+    from fedllm.evaluate import evaluate_model
+
+    run, cfg = load_run(run_dir)
+    path = setting_file(run, setting)
+    if not path.is_file():
+        raise FedllmError(f"{path}: setting {setting!r} has not finished; nothing to evaluate")
+    entry = json.loads(path.read_text())
+    e = cfg.evaluation
+    task_data = e.task_data_dir or os.environ.get("FEDLLM_EVAL_DATA_DIR") or cfg.resolve_data_path(".")
+    model_dir = Path(entry["model_dir"])
+    adapter = entry.get("adapter_dir")
+    result = evaluate_model(
+        model_dir if model_dir.is_absolute() else run / model_dir,
+        adapter_path=(Path(adapter) if Path(adapter).is_absolute() else run / adapter) if adapter else None,
+        tasks=e.tasks,
+        limit=e.limit,
+        batch_size=int(e.batch_size) if e.batch_size.isdigit() else e.batch_size,
+        task_data=task_data,
+        output=eval_file(run, setting),
+    )
+    events.emit("evaluated", site=setting, mean=result["metrics"]["mean"]["value"], seconds=result["seconds"])
+    publish(run, store_uri_of(store), "evals")
     return result
 
 
@@ -158,7 +229,7 @@ def settings_of(run: Path, cfg: ExperimentConfig) -> list[str]:
     return names
 
 
-def write_summary(run_dir: str | os.PathLike) -> dict:
+def write_summary(run_dir: str | os.PathLike, store: Optional[str] = None) -> dict:
     """Collect settings/*.json into summary.json; fails naming a missing setting."""
     from fedllm.data import load_partitions
 
@@ -169,6 +240,11 @@ def write_summary(run_dir: str | os.PathLike) -> dict:
         if not path.is_file():
             raise FedllmError(f"{path}: setting {name!r} has not finished; summary.json not written")
         settings[name] = _relative_paths(json.loads(path.read_text()), run)
+        if cfg.evaluation.enabled:
+            evaluated = eval_file(run, name)
+            if not evaluated.is_file():
+                raise FedllmError(f"{evaluated}: setting {name!r} has not been evaluated; summary.json not written")
+            settings[name]["eval"] = json.loads(evaluated.read_text())["metrics"]
     parts = load_partitions(run / "data")
     summary = {
         "name": cfg.name,
@@ -187,6 +263,7 @@ def write_summary(run_dir: str | os.PathLike) -> dict:
         "settings": settings,
     }
     write_json_atomic(run / SUMMARY, summary)
+    publish(run, store_uri_of(store), "summary")
     return summary
 
 
@@ -198,15 +275,36 @@ def _relative_paths(entry: dict, run: Path) -> dict:
     return entry
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """``fedllm run``: prepare, federate, baselines, (evaluate, report), summary."""
+def run_experiment(cfg: ExperimentConfig, run_dir: str | os.PathLike, progress: bool = True,
+                   store: Optional[str] = None, resume: bool = False) -> dict:
+    """``fedllm run``: prepare, federate, baselines, (evaluate, report), summary.
+
+    ``resume``: reuse a run dir prepared from the same config, skip every setting
+    (and evaluation) whose settings/*.json (evals/*.json) exists — they are written
+    atomically, last — and continue the federation from its last persisted round.
+    """
     started = time.perf_counter()
-    run = prepare_run(cfg, run_dir)
-    score_base(run)
-    run_federation(run)
+    store = store_uri_of(store)
+    if resume and is_prepared(cfg, run_dir):
+        run = Path(run_dir).resolve()
+        (run / SUMMARY).unlink(missing_ok=True)
+    else:
+        run = prepare_run(cfg, run_dir, store=store)
+    if not (resume and setting_file(run, "base").is_file()):
+        score_base(run, store=store)
+    run_federation(run, resume=resume, store=store)
     for name in settings_of(run, cfg):
         if name.startswith("site:") or name == "centralized":
-            run_baseline(run, name, progress=progress)
-    summary = write_summary(run)
+            if not (resume and setting_file(run, name).is_file()):
+                run_baseline(run, name, progress=progress, store=store)
+    if cfg.evaluation.enabled:
+        for name in settings_of(run, cfg):
+            if not (resume and eval_file(run, name).is_file()):
+                evaluate_setting(run, name, store=store)
+    summary = write_summary(run, store=store)
+    from fedllm.report import write_report
+
+    write_report(run)
+    publish(run, store, "report")
     events.emit("run_end", site="driver", seconds=round(time.perf_counter() - started, 1), run_dir=str(run))
     return summary

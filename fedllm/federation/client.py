@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
+import zlib
 from pathlib import Path
 
 import nvflare.client.lightning as flare
 import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.fl_model import MetaKey
 
@@ -24,6 +28,7 @@ from fedllm import events
 from fedllm.config import load_config
 from fedllm.data import load_partitions
 from fedllm.train.model import load_tokenizer
+from fedllm.train.dataset import collate
 from fedllm.train.module import tensor_bytes
 from fedllm.train.site import SiteDataModule, build_module, make_trainer, set_threads, steps_per_round
 
@@ -67,6 +72,82 @@ class RoundReporter(pl.Callback):
         )
 
 
+class RoundStart(pl.Callback):
+    """Makes a site's round a function of (global model, seed, site, round) only.
+
+    FedAvg restarts the local optimizer every round (``flare.patch(...,
+    restore_state=False)``), the LR schedule stands where the round starts
+    (``round * steps_per_round``), the data order is seeded by (seed, site,
+    round) (see :class:`RoundOrder`) and so is torch's RNG (dropout). So a site process that starts
+    at round k — after a crash, ``fedllm federate --resume`` — trains exactly as
+    the one that ran rounds 0..k-1 would have.
+    """
+
+    def __init__(self, seed: int, site: str, steps_per_round: int):
+        self.seed, self.site, self.steps_per_round = seed, site, steps_per_round
+
+    def on_train_start(self, trainer, pl_module):
+        torch.manual_seed(round_seed(self.seed, self.site, pl_module.current_round))
+        first_step = int(pl_module.current_round or 0) * self.steps_per_round
+        for config in trainer.lr_scheduler_configs:
+            # A fresh LambdaLR sits at step 0; put it where this round starts.
+            config.scheduler.last_epoch = first_step - 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "step() before optimizer.step()": intended
+                config.scheduler.step()
+
+
+def round_seed(seed: int, site: str, round_number) -> int:
+    return zlib.crc32(f"{seed}/{site}/{round_number}".encode())
+
+
+class RoundOrder(torch.utils.data.Sampler):
+    """The order of a site's training rows: the k-th pass over them in round r is
+    a permutation seeded by (seed, site, r, k), whatever the process has done
+    before. (A DataLoader's own generator is also drawn from each time an
+    iterator is made, which Lightning does a different number of times in a
+    process's first ``fit``; this sampler is advanced only by passes it yields.)
+    """
+
+    def __init__(self, num_rows: int, seed: int, site: str, round_of):
+        self.num_rows, self.seed, self.site, self.round_of = num_rows, seed, site, round_of
+        self._round, self._passes = None, 0
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        current = self.round_of()
+        if current != self._round:
+            self._round, self._passes = current, 0
+        generator = torch.Generator()
+        generator.manual_seed(round_seed(self.seed, self.site, current) + self._passes)
+        self._passes += 1
+        yield from torch.randperm(self.num_rows, generator=generator).tolist()
+
+
+class RoundDataModule(SiteDataModule):
+    """A site's data, shuffled by :class:`RoundOrder`."""
+
+    def __init__(self, *args, site: str, round_of, **kwargs):
+        super().__init__(*args, seed_key=site, **kwargs)
+        self.order = RoundOrder(len(self.train_set), self.cfg.seed, site, round_of)
+
+    def train_dataloader(self):
+        t = self.cfg.training
+        return DataLoader(self.train_set, batch_size=t.micro_batch_size, sampler=self.order,
+                          collate_fn=collate(self.tokenizer.pad_token_id), num_workers=0)
+
+
+def start_at_round(trainer, round_number: int, steps_per_round: int) -> None:
+    """Set the trainer's step count to where ``round_number`` starts: a site
+    process started by a resumed job reports the same steps as an unbroken one."""
+    # Lightning keeps the count in its loop progress (what a checkpoint restores).
+    progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress
+    progress.optimizer.step.total.completed = round_number * steps_per_round
+    progress.optimizer.step.total.ready = round_number * steps_per_round
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", required=True, help="the run directory fedllm prepared (config, data, base model)")
@@ -80,7 +161,9 @@ def main(argv=None) -> None:
     partitions = load_partitions(run_dir / "data")
     base_dir = str(run_dir / "models" / "base")
     tokenizer = load_tokenizer(base_dir)
-    data = SiteDataModule(cfg, tokenizer, partitions.train(site), partitions.val(site), seed_key=site)
+    # The module is built below; the data asks it for the round only while training.
+    data = RoundDataModule(cfg, tokenizer, partitions.train(site), partitions.val(site), site=site,
+                           round_of=lambda: module.current_round)
 
     per_round = steps_per_round(cfg, data.num_train_examples)
     module = build_module(cfg, base_dir, total_steps=cfg.federation.rounds * per_round)
@@ -90,9 +173,11 @@ def main(argv=None) -> None:
 
     trainer = make_trainer(cfg, max_steps=per_round)
     trainer.callbacks.append(RoundReporter(weight))
+    trainer.callbacks.append(RoundStart(cfg.seed, site, per_round))
     # fedllm moves the step budget itself (below): NVFlare's own fit-loop update
     # adds the trainer's *estimated* total steps, which over-trains later rounds.
-    flare.patch(trainer, update_fit_loop=False)
+    # No RestoreState: each round's optimizer starts fresh (see RoundStart).
+    flare.patch(trainer, restore_state=False, update_fit_loop=False)
     events.emit("site_start", file=module.events_file, site=site, train_examples=data.num_train_examples,
                 steps_per_round=per_round, exchanged_parameters=module.num_exchanged_parameters)
 
@@ -101,6 +186,8 @@ def main(argv=None) -> None:
         if input_model is None:
             break
         module.current_round = input_model.current_round
+        if trainer.global_step != (input_model.current_round or 0) * per_round:
+            start_at_round(trainer, input_model.current_round or 0, per_round)
         trainer.validate(module, datamodule=data, verbose=False)
         trainer.fit_loop.epoch_loop.max_steps = trainer.global_step + per_round
         trainer.fit(module, datamodule=data)

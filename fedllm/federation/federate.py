@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,24 @@ from fedllm.federation.job import build_recipe, job_name
 from fedllm.federation.persistor import load_round, round_dir
 
 
-def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]) -> float:
+@contextlib.contextmanager
+def _events_to_this_stdout():
+    """Route event lines of child processes to this process's stdout (Linux)."""
+    own_stdout = f"/proc/{os.getpid()}/fd/1"
+    if os.environ.get(events.EVENTS_FILE_ENV) or not os.path.exists(own_stdout):
+        yield
+        return
+    sys.stdout.flush()
+    os.environ[events.EVENTS_FILE_ENV], os.environ[events.QUIET_ENV] = own_stdout, "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(events.EVENTS_FILE_ENV, None)
+        os.environ.pop(events.QUIET_ENV, None)
+
+
+def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], start_round: int = 0,
+             store: str = "") -> float:
     """Run the job in the simulator; return its wall time in seconds.
 
     NVFlare's simulator returns an exit code instead of raising: a non-zero
@@ -35,12 +53,20 @@ def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
-    recipe = build_recipe(cfg, run_dir, sites)
-    env = SimEnv(clients=list(sites), num_threads=cfg.federation.threads or len(sites), workspace_root=str(workspace))
+    recipe = build_recipe(cfg, run_dir, sites, start_round=start_round, store=store)
+    # NVFlare's own INFO chatter stays in the workspace's log files; the console
+    # shows warnings and fedllm's event lines, which the sites (running in the
+    # simulator's worker processes) write straight to this process's stdout.
+    env = SimEnv(
+        clients=list(sites),
+        num_threads=cfg.federation.threads or len(sites),
+        workspace_root=str(workspace),
+        log_config="WARNING",
+    )
     started = time.perf_counter()
     log = workspace / "simulator-console.log"
     try:
-        with open(log, "w") as console, contextlib.redirect_stderr(console):
+        with open(log, "w") as console, contextlib.redirect_stderr(console), _events_to_this_stdout():
             recipe.run(env)
     except (RuntimeError, ValueError) as e:
         server_log = workspace / job_name(cfg) / "server" / "simulate_job" / "log.txt"
@@ -59,6 +85,11 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
     server = events.read_events(run_dir / "events" / "server.jsonl")
     per_site = {s: events.read_events(run_dir / "events" / f"site-{s}.jsonl") for s in sites}
 
+    # A resumed job appends to the logs of the one that died: per (site, round)
+    # the last validation and round end count, and a round's time runs from the
+    # previous save (or job start) of the job that saved it.
+    per_site = {s: _last_per_round(evs, ("validate", "round_end")) for s, evs in per_site.items()}
+
     # Global model quality per round, from the sites' validations.
     rounds_seen: dict[int, list[tuple[float, int]]] = {}
     for site, evs in per_site.items():
@@ -73,9 +104,15 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
         curve.append([r * spr, sum(l * t for l, t in vals) / max(tokens, 1)])
 
     # Time per round: between consecutive global-model saves on the server.
-    marks = [e["ts"] for e in server if e["event"] in ("job_start", "global_model")]
-    rounds = [e for e in server if e["event"] == "global_model"]
-    time_per_round = [round(b - a, 3) for a, b in zip(marks, marks[1:])]
+    seconds_of, saved, previous = {}, {}, None
+    for e in server:
+        if e["event"] == "global_model" and previous is not None:
+            seconds_of[int(e["round"])] = e["ts"] - previous
+            saved[int(e["round"])] = e
+        if e["event"] in ("job_start", "global_model"):
+            previous = e["ts"]
+    rounds = [saved[r] for r in sorted(saved)]
+    time_per_round = [round(seconds_of[r], 3) for r in sorted(saved)]
 
     bytes_per_round = {}
     tokens_per_s = []
@@ -106,6 +143,12 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
     }
 
 
+def _last_per_round(evs: list[dict], kinds: tuple[str, ...]) -> list[dict]:
+    """``evs`` with only the last event of each (kind, round) for ``kinds``."""
+    last = {(e["event"], e.get("round")): i for i, e in enumerate(evs) if e["event"] in kinds}
+    return [e for i, e in enumerate(evs) if e["event"] not in kinds or last[(e["event"], e.get("round"))] == i]
+
+
 def final_round(run_dir: str | os.PathLike, rounds: int) -> int:
     """The last round whose global model was persisted (0 if none)."""
     for r in range(rounds, 0, -1):
@@ -123,40 +166,74 @@ def load_global_module(cfg: ExperimentConfig, run_dir: str | os.PathLike, round_
     return module
 
 
-def federate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: Optional[list[str]] = None) -> dict:
+def federate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: Optional[list[str]] = None,
+             resume: bool = False, store: Optional[str] = None) -> dict:
     """Run FedAvg over the run's sites and return the ``fedavg`` summary entry.
 
     The final global model is exported to ``<run>/models/fedavg`` and scored
     on the combined validation set, which closes the validation curve.
+    ``store``: every round's global model (and the best one) also goes there.
+    ``resume``: continue from the last round persisted for this config (in the
+    store when given, else in ``federation/rounds``), checked by its manifest;
+    persisted rounds are not run again. Without it the federation starts over.
     """
+    from fedllm import artifacts
+    from fedllm.data import load_partitions
+
+    run_dir = Path(run_dir).resolve()
+    parts = load_partitions(run_dir / "data")
+    sites = sites or parts.sites
+    checkpoints = run_dir / "federation" / "rounds"
+    done = artifacts.persisted_rounds(checkpoints, store, cfg.fingerprint()) if resume else []
+    start = done[-1] if done else 0
+    if start:
+        artifacts.fetch_round(checkpoints, store, start)  # checked before anything runs
+        events.emit("resume", site="driver", round=start, rounds=cfg.federation.rounds, store=artifacts.describe_store(store))
+    else:
+        for s in sites:
+            (run_dir / "events" / f"site-{s}.jsonl").unlink(missing_ok=True)
+        (run_dir / "events" / "server.jsonl").unlink(missing_ok=True)
+        (run_dir / "federation" / "best.json").unlink(missing_ok=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        artifacts.clear_rounds(store)
+
+    seconds = simulate(cfg, run_dir, sites, start_round=start, store=store or "") if start < cfg.federation.rounds else 0.0
+    return finish_federation(cfg, run_dir, sites, seconds, store)
+
+
+def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], seconds: float,
+                      store: Optional[str] = None) -> dict:
+    """The fedavg summary entry of a finished job, however it ran (simulator, or
+    submitted to a federation): curves and traffic from the event logs, the final
+    global model checked, scored on the combined validation set and exported to
+    ``models/fedavg``."""
+    from fedllm import artifacts
     from fedllm.data import load_partitions
     from fedllm.train.model import load_tokenizer
     from fedllm.train.site import evaluate_loss, steps_per_round
 
     run_dir = Path(run_dir).resolve()
     parts = load_partitions(run_dir / "data")
-    sites = sites or parts.sites
-    for s in sites:
-        (run_dir / "events" / f"site-{s}.jsonl").unlink(missing_ok=True)
-    (run_dir / "events" / "server.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "federation" / "rounds", ignore_errors=True)
-
-    seconds = simulate(cfg, run_dir, sites)
+    checkpoints = run_dir / "federation" / "rounds"
     last = final_round(run_dir, cfg.federation.rounds)
     if last != cfg.federation.rounds:
         raise FedllmError(
             f"federation ended after {last} of {cfg.federation.rounds} rounds "
-            f"(see {run_dir / 'federation' / 'workspace'})"
+            f"(no round-{cfg.federation.rounds:03d} under {checkpoints})"
         )
     spr = {s: steps_per_round(cfg, len(parts.train(s))) for s in sites}
     summary = summarize_federation(cfg, run_dir, sites, spr)
 
+    artifacts.verify_local_dir(round_dir(checkpoints, last))
     module = load_global_module(cfg, run_dir, last)
     tokenizer = load_tokenizer(run_dir / "models" / "base")
     module.site_name = "fedavg"
     final_loss = evaluate_loss(cfg, module, tokenizer, parts.combined_val())
     summary["val_loss_curve"].append([last * max(spr.values()), final_loss])
     summary["val_loss"] = final_loss
+    # The last round's model is scored only here, after the job.
+    artifacts.record_best(store, checkpoints, last, final_loss, cfg.fingerprint())
+    summary["best_round"] = artifacts.best_of(store, checkpoints)["round"]
     summary["rounds"][-1]["val_loss"] = final_loss
     summary["job_seconds"] = seconds
     summary["steps"] = last * max(spr.values())

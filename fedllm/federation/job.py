@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-from nvflare.client.config import ExchangeFormat
 
 from fedllm.config import ExperimentConfig
 from fedllm.federation import client as client_script
 from fedllm.federation.persistor import RoundCheckpointPersistor
+from fedllm.federation.tuning import apply_memory_settings, apply_round_tuning, server_memory_settings
 from fedllm.train.site import PRECISION_DTYPE, train_args
 
 MODULE_CLASS = "fedllm.train.module.CausalLMModule"
@@ -26,12 +26,28 @@ def job_name(cfg: ExperimentConfig) -> str:
     return f"fedllm-{cfg.name}"
 
 
-def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]) -> FedAvgRecipe:
+class ResumableFedAvgRecipe(FedAvgRecipe):
+    """FedAvgRecipe whose controller starts at ``start_round`` (NVFlare's FedAvg
+    controller supports it; the recipe does not pass it on)."""
+
+    def __init__(self, *, start_round: int = 0, **kwargs):
+        self.start_round = start_round  # read by _get_controller_kwargs during super().__init__
+        super().__init__(**kwargs)
+
+    def _get_controller_kwargs(self) -> dict:
+        return {**super()._get_controller_kwargs(), "start_round": self.start_round}
+
+
+def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], start_round: int = 0,
+                 store: str = "") -> FedAvgRecipe:
     """A FedAvg recipe over ``sites`` for the prepared run dir.
 
     ``run_dir`` must hold ``config.yaml``, ``data/`` and ``models/base`` (see
     ``fedllm.run.prepare_run``) and be readable by the server and every site
     (one machine, a shared volume, or a per-site copy at the same path).
+    ``start_round`` > 0 resumes: the job runs rounds ``start_round+1 .. rounds``
+    from round ``start_round``'s persisted global model. ``store``: the run's
+    store URI, where every round's global model is uploaded.
     """
     run_dir = Path(run_dir).resolve()
     module_args = {
@@ -45,16 +61,20 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         model={"path": MODULE_CLASS, "args": module_args},
         checkpoint_dir=str(run_dir / "federation" / "rounds"),
         events_file=str(run_dir / "events" / "server.jsonl"),
+        store=store or "",
+        config_hash=cfg.fingerprint(),
+        resume_round=start_round,
     )
-    recipe = FedAvgRecipe(
+    recipe = ResumableFedAvgRecipe(
+        start_round=start_round,
         name=job_name(cfg),
         min_clients=cfg.federation.min_clients or len(sites),
-        num_rounds=cfg.federation.rounds,
+        num_rounds=cfg.federation.rounds - start_round,
         train_script=client_script.__file__,
         train_args=f"--run-dir {run_dir}",
         model_persistor=persistor,
         # Tensors stay tensors end to end: no numpy round trip of every weight.
-        server_expected_format=ExchangeFormat.PYTORCH,
+        **server_memory_settings(),
         key_metric="val_loss",
         key_metric_mode="min",
     )
@@ -64,12 +84,10 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
 
 def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig) -> None:
     """Round timing and memory settings, and message quantization."""
-    try:
-        from fedllm.federation import tuning
-    except ImportError:
-        tuning = None
-    if tuning is not None and hasattr(tuning, "apply_round_tuning"):
-        tuning.apply_round_tuning(recipe)
+    # No polling on a round's critical path (NVFlare's defaults wait 2 s per site
+    # per round), and garbage collection on the server after every round.
+    apply_round_tuning(recipe)
+    apply_memory_settings(recipe)
     if cfg.federation.quantization:
         from fedllm.federation.quantization import add_quantization
 

@@ -4,7 +4,11 @@ NVFlare's PTFileModelPersistor keeps only the latest global model inside the
 server's job workspace. fedllm also needs every round's global weights under
 the run dir (the FedAvg validation curve, resume, export), so this persistor
 writes ``<checkpoint_dir>/round-<k>/exchanged.safetensors`` after each
-aggregation, with a small ``meta.json`` (round, bytes, time).
+aggregation, with a small ``meta.json`` (round, bytes, time) and a
+``MANIFEST.json`` (files, sizes, sha256, round, config hash), then uploads the
+folder to the run's store when one is given (``fedllm.artifacts``). It also
+keeps the best global model by the sites' validation loss, and on a resumed
+job starts from a persisted round's weights, checked against its manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedllm import events
@@ -28,8 +33,11 @@ def round_dir(checkpoint_dir: str | os.PathLike, round_number: int) -> Path:
 
 
 def save_round(checkpoint_dir: str | os.PathLike, round_number: int, weights: dict, meta: dict) -> Path:
-    """Write one round's exchanged weights atomically (temp dir + rename)."""
+    """Write one round's exchanged weights atomically (temp dir + rename), with a
+    MANIFEST.json whose meta is ``meta``."""
     from safetensors.torch import save_file
+
+    from fedllm.artifacts import write_local_manifest
 
     final = round_dir(checkpoint_dir, round_number)
     tmp = final.with_name(final.name + ".tmp")
@@ -37,6 +45,7 @@ def save_round(checkpoint_dir: str | os.PathLike, round_number: int, weights: di
     tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).contiguous().cpu() for k, v in weights.items()}
     save_file(tensors, str(tmp / "exchanged.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_local_manifest(tmp, meta)
     if final.exists():
         import shutil
 
@@ -60,17 +69,61 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
         checkpoint_dir: where ``round-<k>/`` folders go (the run dir's
             ``federation/rounds``).
         events_file: the server's structured event log.
+        store: the run's store URI (``s3://bucket/prefix`` or a path); every round
+            is uploaded to ``<store>/federation/rounds/round-<k>/``. "" for none.
+        config_hash: the experiment config's fingerprint, recorded in every manifest.
+        resume_round: start from round ``resume_round``'s persisted global model
+            (fetched from the store when given, verified by its manifest); 0 starts
+            from the base model.
+
+    Constructor arguments are kept as same-named attributes: NVFlare's Job API
+    re-creates the component from them.
     """
 
-    def __init__(self, model: dict, checkpoint_dir: str, events_file: str = ""):
+    def __init__(self, model: dict, checkpoint_dir: str, events_file: str = "", store: str = "",
+                 config_hash: str = "", resume_round: int = 0):
         super().__init__(model=model, allow_numpy_conversion=False)
         self.checkpoint_dir = checkpoint_dir
         self.events_file = events_file
+        self.store = store
+        self.config_hash = config_hash
+        self.resume_round = resume_round
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
-        learnable = super().load_model(fl_ctx)
-        events.emit("job_start", file=self.events_file or None, site="server", round=0)
+        if not self.resume_round:
+            learnable = super().load_model(fl_ctx)
+        else:
+            from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
+
+            from fedllm.artifacts import fetch_round
+
+            fetch_round(Path(self.checkpoint_dir), self.store or None, self.resume_round)
+            self.persistence_manager = PTModelPersistenceFormatManager(
+                load_round(self.checkpoint_dir, self.resume_round), allow_numpy_conversion=False
+            )
+            learnable = self.persistence_manager.to_model_learnable(self.exclude_vars)
+        events.emit("job_start", file=self.events_file or None, site="server", round=self.resume_round)
         return learnable
+
+    def handle_event(self, event: str, fl_ctx: FLContext):
+        super().handle_event(event, fl_ctx)
+        if event == AppEventType.AFTER_AGGREGATION:
+            self._record_best(fl_ctx)
+
+    def _record_best(self, fl_ctx: FLContext) -> None:
+        # The sites validate the global model they receive before training, so the
+        # aggregated val_loss of round r (0-based) scores the model persisted as
+        # round-r; round 0's is the base model, not a federation output.
+        from fedllm.artifacts import record_best
+
+        result = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
+        current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        metrics = getattr(result, "metrics", None) or {}
+        if not current or "val_loss" not in metrics:
+            return
+        if record_best(self.store or None, Path(self.checkpoint_dir), int(current), float(metrics["val_loss"]), self.config_hash):
+            events.emit("best_model", file=self.events_file or None, site="server", round=int(current),
+                        val_loss=float(metrics["val_loss"]))
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext):
         super().save_model(ml, fl_ctx)
@@ -78,5 +131,11 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
         completed = int(current) + 1 if current is not None else 0
         weights = ml[ModelLearnableKey.WEIGHTS]
         nbytes = sum(int(v.numel() * v.element_size()) if isinstance(v, torch.Tensor) else int(v.nbytes) for v in weights.values())
-        save_round(self.checkpoint_dir, completed, weights, {"round": completed, "bytes": nbytes, "saved_at": time.time()})
+        meta = {"round": completed, "bytes": nbytes, "saved_at": time.time(), "config_hash": self.config_hash}
+        folder = save_round(self.checkpoint_dir, completed, weights, meta)
+        if self.store:
+            from fedllm.artifacts import round_key
+            from fedllm.store import open_store
+
+            open_store(self.store).put_dir(folder, round_key(completed), meta=meta)
         events.emit("global_model", file=self.events_file or None, site="server", round=completed, bytes=nbytes)

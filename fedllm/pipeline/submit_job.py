@@ -152,43 +152,8 @@ def submit_federation(
             session.close()
     if meta.get("status") != COMPLETED:
         raise FedllmError(f"federation: job {job_id} ended {meta.get('status')}, not {COMPLETED}; see the server's log")
+    from fedllm.federation.federate import finish_federation
+
     return finish_federation(cfg, run, sites, seconds)
 
 
-def finish_federation(cfg, run: Path, sites: list[str], seconds: float) -> dict:
-    """The fedavg summary entry of a finished job: the curves and traffic from
-    the event logs, the final global model scored on the combined validation set
-    and exported to ``models/fedavg``.
-
-    This is the tail of ``fedllm.federation.federate.federate`` after the
-    simulator returns, kept line for line the same so both modes give one
-    summary contract (to be replaced by a shared function in that module).
-    """
-    from fedllm import artifacts
-    from fedllm.data import load_partitions
-    from fedllm.federation.federate import final_round, load_global_module, round_dir, summarize_federation
-    from fedllm.train.model import load_tokenizer
-    from fedllm.train.site import evaluate_loss, steps_per_round
-
-    parts = load_partitions(run / "data")
-    checkpoints = run / "federation" / "rounds"
-    last = final_round(run, cfg.federation.rounds)
-    if last != cfg.federation.rounds:
-        raise FedllmError(f"federation ended after {last} of {cfg.federation.rounds} rounds (no round-{cfg.federation.rounds:03d} under {checkpoints})")
-    spr = {s: steps_per_round(cfg, len(parts.train(s))) for s in sites}
-    summary = summarize_federation(cfg, run, sites, spr)
-
-    artifacts.verify_local_dir(round_dir(checkpoints, last))
-    module = load_global_module(cfg, run, last)
-    tokenizer = load_tokenizer(run / "models" / "base")
-    module.site_name = "fedavg"
-    final_loss = evaluate_loss(cfg, module, tokenizer, parts.combined_val())
-    summary["val_loss_curve"].append([last * max(spr.values()), final_loss])
-    summary["val_loss"] = final_loss
-    artifacts.record_best(None, checkpoints, last, final_loss, cfg.fingerprint())
-    summary["best_round"] = artifacts.best_of(None, checkpoints)["round"]
-    summary["rounds"][-1]["val_loss"] = final_loss
-    summary["job_seconds"] = seconds
-    summary["steps"] = last * max(spr.values())
-    summary.update(module.export(str(run / "models" / "fedavg"), tokenizer=tokenizer))
-    return summary

@@ -1,0 +1,214 @@
+"""A run's artifacts in its store, and the round checkpoints a federation resumes from.
+
+A run dir is mirrored into its store (``--store URI``, or ``$FEDLLM_STORE``) under the same
+relative names, each folder with a ``MANIFEST.json`` (files, sizes, sha256, the config hash)
+written last, so a reader knows a folder is complete and intact:
+
+    MANIFEST.json                  config.yaml, model.json, summary.json (what is there yet)
+    data/                          partitions and the partition summary
+    models/base/ models/<setting>/ the base model and every setting's exported model
+    settings/ evals/ events/       per-setting results, lm-eval results, event logs
+    report/                        index.html, report.md, figures
+    federation/rounds/round-XXX/   every round's global model (written by the server)
+    federation/best/               the global model with the lowest validation loss
+
+A round checkpoint is the folder ``round-XXX`` holding ``exchanged.safetensors``,
+``meta.json`` and a ``MANIFEST.json`` — the same layout in the run dir and in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from fedllm.errors import FedllmError
+from fedllm.store import MANIFEST_NAME, ObjectNotFound, open_store, redact
+from fedllm.store.manifest import build_manifest, encode_manifest, local_files, parse_manifest, sha256_of_file
+
+STORE_ENV = "FEDLLM_STORE"
+ROUNDS_KEY = "federation/rounds"
+BEST_KEY = "federation/best"
+ROUND_FILE = "exchanged.safetensors"
+
+
+def store_uri_of(store: Optional[str]) -> Optional[str]:
+    """The store a run publishes to: ``store`` if given, else ``$FEDLLM_STORE``, else None."""
+    return store or os.environ.get(STORE_ENV) or None
+
+
+def round_key(round_number: int) -> str:
+    return f"{ROUNDS_KEY}/round-{round_number:03d}"
+
+
+# -- manifests of local folders ---------------------------------------------------------
+
+
+def write_local_manifest(folder: Path, meta: dict) -> dict:
+    """Write ``folder/MANIFEST.json`` for the files in ``folder`` (the store's format)."""
+    entries = {rel: {"size": p.stat().st_size, "sha256": sha256_of_file(p)} for p, rel in local_files(folder)}
+    manifest = build_manifest(entries, meta)
+    (folder / MANIFEST_NAME).write_bytes(encode_manifest(manifest))
+    return manifest
+
+
+def verify_local_dir(folder: Path) -> dict:
+    """The manifest of ``folder`` after checking every file it lists for size and sha256.
+
+    FedllmError "<folder>: file <name>: corrupted: ..." on the first mismatch, or when there
+    is no manifest (the folder was not written completely).
+    """
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise FedllmError(f"{folder}: no {MANIFEST_NAME}; the checkpoint was not written completely")
+    manifest = parse_manifest(path.read_bytes(), str(path))
+    for rel, entry in manifest["files"].items():
+        file = folder / rel
+        if not file.is_file():
+            raise FedllmError(f"{folder}: file {rel}: missing; the manifest lists it")
+        size = file.stat().st_size
+        if size != entry["size"] or sha256_of_file(file) != entry["sha256"]:
+            raise FedllmError(
+                f"{folder}: file {rel}: corrupted: sha256 mismatch with {MANIFEST_NAME} "
+                f"({size} bytes, manifest {entry['size']})"
+            )
+    return manifest
+
+
+# -- round checkpoints --------------------------------------------------------------------
+
+
+def persisted_rounds(checkpoint_dir: Path, store: Optional[str], config_hash: str) -> list[int]:
+    """Rounds whose global model is complete (manifest present, written for this config),
+    in the store when one is given, else in ``checkpoint_dir``; ascending."""
+    found = []
+    if store:
+        s = open_store(store)
+        for key in s.list(ROUNDS_KEY + "/"):
+            name, _, last = key[len(ROUNDS_KEY) + 1:].partition("/")
+            if last == MANIFEST_NAME and name.startswith("round-") and name[6:].isdigit():
+                if s.read_manifest(f"{ROUNDS_KEY}/{name}")["meta"].get("config_hash") == config_hash:
+                    found.append(int(name[6:]))
+        return sorted(found)
+    for folder in Path(checkpoint_dir).glob("round-[0-9][0-9][0-9]"):
+        manifest = folder / MANIFEST_NAME
+        if manifest.is_file():
+            meta = parse_manifest(manifest.read_bytes(), str(manifest))["meta"]
+            if meta.get("config_hash") == config_hash:
+                found.append(int(folder.name[6:]))
+    return sorted(found)
+
+
+def fetch_round(checkpoint_dir: Path, store: Optional[str], round_number: int) -> Path:
+    """The local folder of round ``round_number``, downloaded from the store if given (each
+    file checked against the stored manifest), then verified against its manifest."""
+    folder = Path(checkpoint_dir) / f"round-{round_number:03d}"
+    if store:
+        s = open_store(store)
+        key = round_key(round_number)
+        partial = folder.with_name(folder.name + ".fetch")
+        shutil.rmtree(partial, ignore_errors=True)
+        s.get_dir(key, partial)
+        partial.joinpath(MANIFEST_NAME).write_bytes(s.get_bytes(f"{key}/{MANIFEST_NAME}"))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    verify_local_dir(folder)
+    return folder
+
+
+def clear_rounds(store: Optional[str]) -> None:
+    """Remove a previous federation's rounds and best model from the store (a fresh start)."""
+    if not store:
+        return
+    s = open_store(store)
+    for key in s.list(ROUNDS_KEY + "/") + s.list(BEST_KEY + "/"):
+        s.delete(key)
+
+
+def best_of(store: Optional[str], checkpoint_dir: Path) -> Optional[dict]:
+    """``{"round", "val_loss"}`` of the best global model so far, or None."""
+    if store:
+        try:
+            meta = open_store(store).read_manifest(BEST_KEY)["meta"]
+        except ObjectNotFound:
+            return None
+        return {"round": meta["round"], "val_loss": meta["val_loss"]}
+    path = Path(checkpoint_dir).parent / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def record_best(store: Optional[str], checkpoint_dir: Path, round_number: int, val_loss: float, config_hash: str) -> bool:
+    """Make round ``round_number`` the best global model if ``val_loss`` beats the recorded
+    one (kept across a resume); return whether it did."""
+    best = best_of(store, checkpoint_dir)
+    if best is not None and best["val_loss"] <= val_loss:
+        return False
+    record = {"round": round_number, "val_loss": val_loss, "config_hash": config_hash}
+    folder = Path(checkpoint_dir) / f"round-{round_number:03d}"
+    if store:
+        open_store(store).put_dir(folder, BEST_KEY, meta=record)
+    path = Path(checkpoint_dir).parent / "best.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return True
+
+
+# -- publishing a run's artifacts ---------------------------------------------------------
+
+# What each step leaves, as folders (uploaded with a manifest) and top-level files.
+_TOP_FILES = ("config.yaml", "model.json", "summary.json")
+
+
+def _step_folders(run: Path, what: str) -> list[str]:
+    if what == "prepared":
+        return ["data", "models/base"]
+    if what == "fedavg":
+        return ["settings", "models/fedavg", "events"]
+    if what.startswith("setting:"):
+        name = what[len("setting:"):].replace(":", "-")
+        return ["settings", f"models/{name}", "events"]
+    if what == "base":
+        return ["settings"]
+    if what == "evals":
+        return ["evals"]
+    if what == "summary":
+        return ["settings", "evals", "events"]
+    if what == "report":
+        return ["report"]
+    raise FedllmError(
+        f"publish: unknown step {what!r}; expected prepared, base, fedavg, setting:<name>, evals, summary or report"
+    )
+
+
+def publish(run_dir: str | os.PathLike, store: Optional[str], what: str) -> list[str]:
+    """Upload what step ``what`` left in ``run_dir`` to ``store`` (see the module docstring),
+    each folder with a manifest carrying the config hash; return the keys of the folders
+    written. No store: nothing to do. Errors name the store URI with no key in it."""
+    if not store:
+        return []
+    run = Path(run_dir)
+    s = open_store(store)
+    meta = {"run": run.name, "step": what}
+    config = run / "config.yaml"
+    if config.is_file():
+        from fedllm.config import load_config
+
+        meta["config_hash"] = load_config(config).fingerprint()
+    written = []
+    for rel in _step_folders(run, what):
+        folder = run / rel
+        if folder.is_dir() and any(folder.iterdir()):
+            s.put_dir(folder, rel, meta=meta)
+            written.append(rel)
+    tops = [(run / n, n, sha256_of_file(run / n), (run / n).stat().st_size) for n in _TOP_FILES if (run / n).is_file()]
+    s.put_files(tops, "", meta)
+    written.append("")
+    return written
+
+
+def describe_store(store: Optional[str]) -> str:
+    """The store URI as it may be printed (keys removed)."""
+    return redact(store) if store else "none"
