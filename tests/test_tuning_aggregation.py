@@ -84,3 +84,20 @@ def test_bad_input_names_the_site_and_what_is_accepted():
         aggregator.accept_model(_site_result("site-3", {"w": np.zeros((2, 2))}, -1))
     with pytest.raises(FedllmError, match=r"site_weights\['site-1'\]"):
         RunningWeightedAverage(site_weights={"site-1": "heavy"})
+
+
+def test_the_global_model_does_not_depend_on_the_order_sites_report_in():
+    # A resumed federation must repeat an unbroken one: sites' results arrive in any order.
+    import itertools
+
+    gen = torch.Generator().manual_seed(3)
+    updates = {f"site-{i}": torch.randn(4096, generator=gen) * 10 ** i for i in (1, 2, 3)}
+    weights = {"site-1": 137.0, "site-2": 411.0, "site-3": 53.0}
+    results = []
+    for order in itertools.permutations(updates):
+        aggregator = RunningWeightedAverage()
+        for site in order:
+            aggregator.accept_model(_site_result(site, {"w": updates[site].clone()}, weights[site]))
+        results.append(aggregator.aggregate_model().params["w"])
+    assert all(r.dtype == torch.float32 for r in results)
+    assert all(torch.equal(results[0], r) for r in results[1:])

@@ -5,7 +5,8 @@ tensor by tensor, into a single accumulator (``sum += weight * update``) and dro
 tensor of the update from the site's result as soon as it is added, so the memory an update
 occupies is released while the rest of it is still being summed. At the end of the round
 the accumulator is divided by the total weight in place and handed to the controller.
-Memory held across a round: one model-sized accumulator, whatever the number of sites.
+Memory held across a round: one float64 accumulator (twice the fp32 model), whatever the
+number of sites.
 
 NVFlare's built-in FedAvg aggregation (``WeightedAggregationHelper``, used when the recipe
 gets no ``aggregator``) also sums as results arrive, but keeps each site's whole update
@@ -39,8 +40,8 @@ class RunningWeightedAverage(ModelAggregator):
 
     Guarantees: ``aggregate_model()`` returns, per parameter name, the weighted mean over the
     sites that sent that parameter, in the dtype the first site sent it in (integer
-    parameters are rounded); floating-point tensors are averaged in their own precision,
-    float16/bfloat16 in float32. Works with numpy arrays and torch tensors. Metrics that are
+    parameters are rounded), summed in float64 so the result does not depend on the
+    order the sites' results arrive in. Works with numpy arrays and torch tensors. Metrics that are
     numbers are averaged with the same weights. The aggregator is reset after each call.
     """
 
@@ -154,15 +155,18 @@ def _is_torch(value) -> bool:
 
 
 def _accumulator(value):
-    """A fresh, writable copy of ``value`` in a dtype that can hold a running sum."""
+    """A fresh, writable float64 copy of ``value`` to hold the running sum.
+
+    float64 because sites arrive in whatever order the network delivers them: a
+    float32 sum's last bit depends on that order, float64's does not survive the
+    rounding back to float32. So a round's global model is the same whichever site
+    came first, and a resumed federation repeats an unbroken one exactly.
+    """
     if _is_torch(value):
         import torch
 
-        dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
-        return value.detach().to(dtype=dtype, copy=True)
-    array = np.asarray(value)
-    dtype = array.dtype if array.dtype in (np.float32, np.float64) else np.float32
-    return np.array(array, dtype=dtype, copy=True)
+        return value.detach().to(dtype=torch.float64, copy=True)
+    return np.array(np.asarray(value), dtype=np.float64, copy=True)
 
 
 def _scale_(total, weight: float) -> None:

@@ -15,6 +15,7 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
 from fedllm.config import ExperimentConfig
 from fedllm.federation import client as client_script
+from fedllm.federation.aggregation import RunningWeightedAverage
 from fedllm.federation.persistor import RoundCheckpointPersistor
 from fedllm.federation.tuning import apply_memory_settings, apply_round_tuning, server_memory_settings
 from fedllm.train.site import PRECISION_DTYPE, train_args
@@ -75,6 +76,9 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         model_persistor=persistor,
         # Tensors stay tensors end to end: no numpy round trip of every weight.
         **server_memory_settings(),
+        # One running sum, each site's update freed as it is added, independent of
+        # the order sites report in (see fedllm.federation.aggregation).
+        aggregator=RunningWeightedAverage(),
         key_metric="val_loss",
         key_metric_mode="min",
     )
