@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_CONFIG
+from conftest import DEMO_CONFIG, TINY_RUN
 
 pytestmark = pytest.mark.slow
 
-TINY_DEMO = [
-    "data.sources.0.max_records=60",
-    "data.sources.1.max_records=60",
-    "data.sources.2.max_records=60",
-    "data.max_val_records_per_site=8",
-    "model.tiny.hidden_size=32",
-    "model.tiny.intermediate_size=64",
-    "model.tiny.vocab_size=512",
-    "model.tiny.num_heads=2",
-    "training.steps_per_round=2",
-    "training.micro_batch_size=4",
-    "federation.rounds=2",
+# The shared tiny demo, scored by lm-eval on a few documents of two tasks.
+TINY_DEMO = [o for o in TINY_RUN if not o.startswith("evaluation.")] + [
     "evaluation.limit=5",
     "evaluation.tasks=[piqa, winogrande]",
 ]
