@@ -7,8 +7,6 @@ Errors are one line (``error: ...``) and a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 

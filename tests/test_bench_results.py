@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.b1_overhead import site_timings  # noqa: E402
 from bench.b2_bytes import message_sizes  # noqa: E402
 from bench.run_all import summary_rows  # noqa: E402
-from fedllm import events  # noqa: E402
 
 
 def _write(path: Path, rows: list[dict]) -> None:

@@ -3,7 +3,6 @@ exit, and no run dir that looks complete (no summary.json)."""
 
 import json
 
-import pytest
 
 from conftest import DEMO_CONFIG, TINY_RUN
 from fedllm.cli import main

@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from s3server import BUCKET, s3_server, start_s3_server  # noqa: F401 (s3_server is a fixture)
 

@@ -8,7 +8,6 @@ wrote, and exports the final global model as a loadable HF directory.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import sys

@@ -12,7 +12,6 @@ import math
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Optional, Sequence
 
 import pytorch_lightning as pl
