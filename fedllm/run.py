@@ -29,19 +29,13 @@ from fedllm import events
 from fedllm.artifacts import publish, store_uri_of
 from fedllm.config import ExperimentConfig, dump_config, load_config
 from fedllm.errors import FedllmError
+from fedllm.files import write_json_atomic
 
 SUMMARY = "summary.json"
 
 
 def setting_file(run_dir: Path, setting: str) -> Path:
     return Path(run_dir) / "settings" / (setting.replace(":", "-") + ".json")
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def describe_model(cfg: ExperimentConfig, base_dir: Path) -> dict:
