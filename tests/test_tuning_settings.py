@@ -42,7 +42,7 @@ def test_tuned_job_exports_every_setting(tmp_path):
     server, client = _exported_configs(recipe, tmp_path / "job")
 
     assert server["server"]["task_request_interval"] == applied.task_request_interval == 0.05
-    (controller,) = [wf for wf in server["workflows"] if wf["path"].endswith("fedavg.FedAvg")]
+    (controller,) = [wf for wf in server["workflows"] if wf["path"] == "fedllm.federation.tuning.TunedFedAvg"]
     assert controller["args"]["task_check_period"] == 0.01
     assert controller["args"]["memory_gc_rounds"] == 1
     assert controller["args"]["aggregator"]["path"] == "fedllm.federation.aggregation.RunningWeightedAverage"
@@ -51,6 +51,41 @@ def test_tuned_job_exports_every_setting(tmp_path):
     (executor,) = client["executors"]
     assert executor["executor"]["args"]["execution_mode"] == "external_process"
     assert executor["executor"]["args"]["command"][0] == sys.executable
+
+
+def test_the_check_period_reaches_the_server_that_runs_the_tasks(tmp_path):
+    from nvflare.apis.impl.wf_comm_server import WFCommServer
+    from nvflare.app_common.workflows.fedavg import FedAvg
+
+    from fedllm.federation.tuning import TunedFedAvg
+
+    # NVFlare's own FedAvg leaves its WFCommServer at 0.2 s whatever period it was given
+    plain = FedAvg(num_clients=1, num_rounds=1, task_check_period=0.01)
+    plain.set_communicator(stock := WFCommServer())
+    assert stock._task_check_period == 0.2
+
+    recipe = _recipe(tmp_path)
+    apply_round_tuning(recipe, RoundTuning(task_check_period=0.03))
+    (workflow,) = recipe._job._deploy_map["server"].app_config.workflows
+    assert type(workflow.controller) is TunedFedAvg
+    workflow.controller.set_communicator(tuned := WFCommServer())
+    assert tuned._task_check_period == 0.03
+
+
+def test_site_runs_an_installed_module(tmp_path):
+    from fedllm.federation import client
+
+    settings = site_process_settings(python="/usr/bin/python3", module="fedllm.federation.client")
+    assert settings["command"] == "/usr/bin/python3 -u -m fedllm.federation.client"
+    recipe = _recipe(tmp_path, **settings)
+    _, config = _exported_configs(recipe, tmp_path / "job")
+    (executor,) = config["executors"]
+    # NVFlare appends its copy's path; fedllm's client takes it and ignores it
+    command = executor["executor"]["args"]["command"]
+    assert command[:4] == ["/usr/bin/python3", "-u", "-m", "fedllm.federation.client"]
+    assert command[4] == "custom/site.py"
+    with pytest.raises(FedllmError, match="config.yaml: config file not found"):
+        client.main(["custom/client.py", "--run-dir", str(tmp_path / "missing")])
 
 
 def test_nvflare_defaults_are_what_the_tuning_replaces(tmp_path):

@@ -151,6 +151,9 @@ def start_at_round(trainer, round_number: int, steps_per_round: int) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", required=True, help="the run directory fedllm prepared (config, data, base model)")
+    # NVFlare appends the job's copy of this script to the launch command; the site runs
+    # the installed module instead (fedllm.federation.tuning.site_process_settings).
+    parser.add_argument("job_copy", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
 

@@ -17,7 +17,12 @@ from fedllm.config import ExperimentConfig
 from fedllm.federation import client as client_script
 from fedllm.federation.aggregation import RunningWeightedAverage
 from fedllm.federation.persistor import RoundCheckpointPersistor
-from fedllm.federation.tuning import apply_memory_settings, apply_round_tuning, server_memory_settings
+from fedllm.federation.tuning import (
+    apply_memory_settings,
+    apply_round_tuning,
+    server_memory_settings,
+    site_process_settings,
+)
 from fedllm.train.site import PRECISION_DTYPE, train_args
 
 MODULE_CLASS = "fedllm.train.module.CausalLMModule"
@@ -76,6 +81,9 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         model_persistor=persistor,
         # Tensors stay tensors end to end: no numpy round trip of every weight.
         **server_memory_settings(),
+        # Each site's training runs in its own process, launched once per job: tasks and
+        # results are handed over with events, not 0.5 s polls.
+        **site_process_settings(module=client_script.__name__),
         # One running sum, each site's update freed as it is added, independent of
         # the order sites report in (see fedllm.federation.aggregation).
         aggregator=RunningWeightedAverage(),

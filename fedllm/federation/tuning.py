@@ -2,13 +2,15 @@
 
 NVFlare 2.9's defaults are sized for many sites over a WAN: each site sleeps 2 s before
 asking the server for the next task, the FedAvg controller looks for finished results every
-0.5 s, and the in-process Client API bridge polls both ways every 0.5 s (a constant in
+0.5 s (and the WFCommServer under it every 0.2 s, whatever the controller was given), and
+the in-process Client API bridge polls both ways every 0.5 s (a constant in
 ``nvflare/app_common/executors/client_api/in_process_backend.py`` that no job setting
 reaches). On a tiny job that is 2.4-2.9 s per round of pure waiting. fedllm federates a
-handful of sites, so it asks sooner and more often, and runs the site script in its own
-process, where the Client API hands tasks and results over with events instead of polls.
+handful of sites, so it asks sooner and more often, hands the controller's period to the
+WFCommServer too (:class:`TunedFedAvg`), and runs the site script in its own process, where
+the Client API hands tasks and results over with events instead of polls.
 
-    recipe = FedAvgRecipe(..., launch_external_process=True, command=f"{sys.executable} -u")
+    recipe = FedAvgRecipe(..., **site_process_settings(module="my_site_script"))
     apply_round_tuning(recipe)
     apply_memory_settings(recipe)   # see fedllm/federation/aggregation.py
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+
+from nvflare.app_common.workflows.fedavg import FedAvg
 
 from fedllm.errors import FedllmError
 
@@ -54,6 +58,21 @@ class RoundTuning:
     default_task_fetch_interval: float = 0.05
 
 
+class TunedFedAvg(FedAvg):
+    """NVFlare's FedAvg whose task-check period reaches the WFCommServer that runs its tasks.
+
+    ``Controller.set_communicator`` hands the period over as ``communicator.task_check_period``
+    but ``WFCommServer`` sleeps ``_task_check_period`` (its constructor's 0.2 s) between checks
+    of whether a round's results are all in: NVFlare 2.9 drops the setting on the floor, and the
+    next round starts up to 0.2 s late. Nothing else differs from ``FedAvg``.
+    """
+
+    def set_communicator(self, communicator) -> None:
+        super().set_communicator(communicator)
+        if hasattr(communicator, "_task_check_period"):
+            communicator._task_check_period = self._task_check_period
+
+
 def apply_round_tuning(recipe, tuning: RoundTuning = RoundTuning()) -> RoundTuning:
     """Set fedllm's round-time settings on an NVFlare FedAvg recipe, in place.
 
@@ -71,10 +90,18 @@ def apply_round_tuning(recipe, tuning: RoundTuning = RoundTuning()) -> RoundTuni
             raise FedllmError(f"RoundTuning.{name}={value!r}: expected a positive number of seconds")
 
     for controller in _model_controllers(recipe):
-        # BaseModelController.__init__ stores the period as _task_check_period and passes it
-        # to Controller, which hands it to its WFCommServer at start; the job exporter reads
-        # the same attribute back as the constructor argument ``task_check_period``.
+        # BaseModelController.__init__ stores the period as _task_check_period; the job
+        # exporter reads the same attribute back as the constructor argument.
         controller._task_check_period = float(tuning.task_check_period)
+        if type(controller) is FedAvg:
+            # The recipe built NVFlare's FedAvg; TunedFedAvg only adds a method, so the
+            # object becomes one as is and the job config names fedllm's class.
+            controller.__class__ = TunedFedAvg
+        elif not isinstance(controller, TunedFedAvg):
+            raise FedllmError(
+                f"apply_round_tuning: controller {type(controller).__name__} is neither NVFlare's FedAvg nor "
+                "fedllm.federation.tuning.TunedFedAvg; derive it from TunedFedAvg so its period reaches the server"
+            )
 
     recipe.add_server_config({_SERVER_SECTION: {"task_request_interval": float(tuning.task_request_interval)}})
     recipe.add_client_config({"default_task_fetch_interval": float(tuning.default_task_fetch_interval)})
@@ -106,15 +133,20 @@ def server_memory_settings() -> dict:
     """``FedAvgRecipe`` keyword arguments for the server's memory during aggregation.
 
     Tensors travel as PyTorch tensors end to end (no numpy copy of every weight on the
-    server). What ``bench/b3_server_memory.py`` measured for the alternatives is in
-    ``bench/README.md`` (B3). Pair with ``apply_memory_settings(recipe)`` once built.
+    server), and the server downloads each site's update to disk instead of memory
+    (NVFlare's tensor disk offload): ``RunningWeightedAverage`` then holds references to the
+    files and sums them parameter by parameter at the end of the round, so the server holds
+    the global model and the result, whatever the number of sites. Where offload cannot
+    engage (NVFlare's simulator: no server cell for it), updates arrive in memory and are
+    summed as they come. ``bench/b3_server_memory.py`` measures both (B3 in bench/README.md).
+    Pair with ``aggregator=RunningWeightedAverage()`` and ``apply_memory_settings(recipe)``.
     """
     from nvflare.client.config import ExchangeFormat
 
-    return {"server_expected_format": ExchangeFormat.PYTORCH}
+    return {"server_expected_format": ExchangeFormat.PYTORCH, "enable_tensor_disk_offload": True}
 
 
-def site_process_settings(python: str | None = None) -> dict:
+def site_process_settings(python: str | None = None, module: str | None = None) -> dict:
     """``FedAvgRecipe`` keyword arguments that run each site's script in its own process.
 
     Pass them when building the recipe: ``FedAvgRecipe(..., **site_process_settings())``.
@@ -123,15 +155,21 @@ def site_process_settings(python: str | None = None) -> dict:
     every 0.5 s (``_RESULT_POLL_INTERVAL`` in ``nvflare/app_common/executors/client_api/
     in_process_backend.py``, a constant no job setting reaches): about 0.5-1 s per round.
     The process is launched once per job (``launch_once``), so start-up is paid once.
-    Not used by fedllm's own job yet: NVFlare 2.9 copies a script that lives inside a package
-    to ``custom/<package path>/client.py`` but launches ``custom/client.py`` (the process exits
-    with rc=2 before its handshake), so it needs a top-level site script first.
-    ``python`` defaults to the interpreter running this code, so the site uses the same
-    environment in the simulator; in containers it is the image's ``python3``.
+
+    ``module``: run the site script as an installed module (``python -m module``) instead of
+    the job's copy of ``train_script``. A script that lives inside a package needs it: NVFlare
+    2.9 copies it to ``custom/<package path>/<name>.py`` but launches ``custom/<name>.py``. The
+    module then receives that path as its first argument and must accept it (fedllm's
+    ``fedllm.federation.client`` does). ``python`` defaults to the interpreter running this
+    code, so the site uses the same environment in the simulator; in containers it is the
+    image's ``python3``.
     """
+    command = f"{python or sys.executable} -u"
+    if module is not None:
+        command += f" -m {module}"
     return {
         "launch_external_process": True,
-        "command": f"{python or sys.executable} -u",
+        "command": command,
         "launch_once": True,
     }
 
