@@ -38,6 +38,32 @@ def _events_to_this_stdout():
         os.environ.pop(events.QUIET_ENV, None)
 
 
+def _stop_leftover_processes(run_dir: Path, workspace: Path) -> None:
+    """End the processes an earlier, killed job of this run dir left running.
+
+    NVFlare's simulator starts each site's worker in a session of its own, and each site's
+    training process in a process group of its own, so killing ``fedllm federate`` (say, its
+    process group, before a ``--resume``) leaves them running until their heartbeats time out,
+    writing into the workspace this job is about to recreate; the new sites' training
+    processes then fail to start. They are recognised by this run's paths in their command
+    line: the workspace (workers) and ``--run-dir`` (training processes).
+    """
+    import psutil
+
+    markers = (str(workspace) + os.sep, f"--run-dir {run_dir}")
+    leftovers = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        if proc.info["pid"] != os.getpid() and any(marker in command for marker in markers):
+            leftovers.append(proc)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+    if leftovers:
+        events.emit("stopped_leftovers", site="driver", processes=len(leftovers), run_dir=str(run_dir))
+
+
 def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], start_round: int = 0,
              store: str = "") -> float:
     """Run the job in the simulator; return its wall time in seconds.
@@ -49,6 +75,7 @@ def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]
 
     run_dir = Path(run_dir).resolve()
     workspace = run_dir / "federation" / "workspace"
+    _stop_leftover_processes(run_dir, workspace)
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
