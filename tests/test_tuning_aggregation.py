@@ -101,3 +101,42 @@ def test_the_global_model_does_not_depend_on_the_order_sites_report_in():
         results.append(aggregator.aggregate_model().params["w"])
     assert all(r.dtype == torch.float32 for r in results)
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def _offloaded(tmp_path, site, params):
+    """``params`` as NVFlare's tensor disk offload hands them over: lazy refs to a safetensors file."""
+    from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
+    from safetensors.torch import save_file
+
+    folder = tmp_path / site
+    folder.mkdir()
+    save_file(params, str(folder / "update.safetensors"))
+    lazy = LazyTensorDict({name: (str(folder / "update.safetensors"), name) for name in params}, str(folder))
+    return {name: lazy.make_lazy_ref(name) for name in params}
+
+
+def test_disk_offloaded_updates_are_summed_in_site_order_at_the_end(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    updates = {site: {"w": torch.randn(64, 32, generator=generator), "b": torch.randn(32, generator=generator)}
+               for site in ("c-site", "a-site", "b-site")}
+    steps = {"a-site": 7, "b-site": 11, "c-site": 13}
+    expected = {name: sum(steps[s] * updates[s][name].double() for s in updates) / sum(steps.values()) for name in ("w", "b")}
+
+    results = []
+    for order in (["c-site", "a-site", "b-site"], ["b-site", "c-site", "a-site"]):
+        aggregator = RunningWeightedAverage()
+        folder = tmp_path / "-".join(order)
+        folder.mkdir()
+        for site in order:
+            result = _site_result(site, _offloaded(folder, site, updates[site]), steps[site])
+            aggregator.accept_model(result)
+            assert result.params == {}  # the references moved into the aggregator
+            assert not aggregator._sums  # nothing read from disk before the round ends
+        results.append(aggregator.aggregate_model())
+
+    first, second = (r.params for r in results)
+    assert list(first) == ["w", "b"] and first["w"].dtype == torch.float32
+    for name in ("w", "b"):
+        assert torch.equal(first[name], second[name])  # bit for bit, whatever the arrival order
+        assert torch.allclose(first[name].double(), expected[name], rtol=0, atol=1e-6)
+    assert results[0].meta["aggregated_sites"] == ["c-site", "a-site", "b-site"]

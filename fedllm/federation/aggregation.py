@@ -8,6 +8,13 @@ the accumulator is divided by the total weight in place and handed to the contro
 Memory held across a round: one float64 accumulator (twice the fp32 model), whatever the
 number of sites.
 
+With NVFlare's tensor disk offload (``enable_tensor_disk_offload=True`` on the FedAvg
+controller, which fedllm ships), an update arrives as references to tensors in files on
+disk. Then nothing is summed on arrival: the aggregator keeps the references (bytes each)
+and, at the end of the round, sums each parameter over the sites in site-name order, one
+tensor at a time. Memory held across a round: the result, once (the fp32 model), whatever
+the number of sites; the order the sites reported in cannot change a bit of it.
+
 NVFlare's built-in FedAvg aggregation (``WeightedAggregationHelper``, used when the recipe
 gets no ``aggregator``) also sums as results arrive, but keeps each site's whole update
 alive until the callback returns. Use this one with the recipe's ``aggregator=`` argument:
@@ -56,6 +63,7 @@ class RunningWeightedAverage(ModelAggregator):
         self.reset_stats()
 
     def reset_stats(self) -> None:
+        self._deferred: dict[str, tuple[float, dict]] = {}  # site -> (weight, {name: on-disk ref or tensor})
         self._sums: dict = {}
         self._weights: dict[str, float] = {}
         self._dtypes: dict = {}
@@ -78,6 +86,11 @@ class RunningWeightedAverage(ModelAggregator):
                 f"other sites sent {self._params_type}; all sites must send the same kind"
             )
         params = model.params
+        if any(_is_on_disk(value) for value in params.values()):
+            # Disk-offloaded update: keep the references, sum at the end in site order.
+            if site in self._deferred:
+                raise FedllmError(f"RunningWeightedAverage: site {site!r} sent two results in one round")
+            self._deferred[site] = (weight, {name: params.pop(name) for name in list(params.keys())})
         # Pop each tensor before adding it: once added, the site's copy is garbage as soon
         # as this loop lets go of it, so the update never lives alongside a full second copy.
         for name in list(params.keys()):
@@ -92,15 +105,20 @@ class RunningWeightedAverage(ModelAggregator):
 
     def aggregate_model(self) -> FLModel:
         """The weighted mean of everything accepted since the last call; then reset."""
-        if not self._sums:
+        if not self._sums and not self._deferred:
             raise FedllmError("RunningWeightedAverage: no site results to aggregate this round")
         params = {}
+        # Disk-offloaded updates: one parameter at a time, its sites in name order, so only
+        # that parameter's float64 sum exists besides the finished fp32 result.
+        for name in self._deferred_names():
+            for site in sorted(self._deferred):
+                weight, update = self._deferred[site]
+                if name in update:
+                    self._add(name, update.pop(name), weight)  # the file is read here, once
+            params[name] = self._finish(name)
+        self._deferred = {}
         for name in list(self._sums.keys()):
-            total = self._sums.pop(name)
-            weight = self._weights[name]
-            if weight == 0:
-                raise FedllmError(f"RunningWeightedAverage: parameter {name!r} got total weight 0 from {self._sites}")
-            params[name] = _finish_mean(total, weight, self._dtypes[name])
+            params[name] = self._finish(name)
         metrics = None
         if self._metric_sums and self._metric_weight > 0:
             metrics = {k: v / self._metric_weight for k, v in self._metric_sums.items()}
@@ -112,6 +130,19 @@ class RunningWeightedAverage(ModelAggregator):
         )
         self.reset_stats()
         return result
+
+    def _deferred_names(self) -> list[str]:
+        names: dict[str, None] = {}  # ordered: the first site's parameter order
+        for site in sorted(self._deferred):
+            names.update(dict.fromkeys(self._deferred[site][1]))
+        return list(names)
+
+    def _finish(self, name: str):
+        total = self._sums.pop(name)
+        weight = self._weights[name]
+        if weight == 0:
+            raise FedllmError(f"RunningWeightedAverage: parameter {name!r} got total weight 0 from {self._sites}")
+        return _finish_mean(total, weight, self._dtypes[name])
 
     def _site_weight(self, model: FLModel, site: str) -> float:
         steps = (model.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1)
@@ -148,6 +179,11 @@ class RunningWeightedAverage(ModelAggregator):
 def _site_name(model: FLModel) -> str:
     meta = model.meta or {}
     return str(meta.get("client_name") or meta.get(FLMetaKey.SITE_NAME, "") or "unknown site")
+
+
+def _is_on_disk(value) -> bool:
+    """A disk-offloaded tensor: NVFlare's lazy reference, read with ``materialize()``."""
+    return callable(getattr(value, "materialize", None))
 
 
 def _is_torch(value) -> bool:
