@@ -11,6 +11,7 @@ back into its output artifact.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import yaml
@@ -57,9 +58,15 @@ def federation(tmp_path):
         procs.stop_all()
 
 
-def test_submit_mode_runs_the_job_on_the_federation_and_reads_the_result_back(federation, tmp_path, shared_data, capsys):
+def test_submit_mode_runs_the_job_on_the_federation_and_reads_the_result_back(federation, tmp_path, shared_data, capsys,
+                                                                               monkeypatch):
     from fedllm.config import load_config
+    from fedllm.pipeline.submit_job import SITE_PYTHON_ENV, site_python
     from conftest import DEMO_CONFIG
+
+    assert site_python() == "python3"  # the fedllm image's interpreter
+    # this federation's sites are local processes of this environment
+    monkeypatch.setenv(SITE_PYTHON_ENV, sys.executable)
 
     admin_kit, procs = federation
     prepared = prepare_run(load_config(DEMO_CONFIG, TINY_LORA), tmp_path / "prepared")

@@ -23,6 +23,7 @@ from fedllm.federation.tuning import (
     server_memory_settings,
     site_process_settings,
 )
+from fedllm.train.methods import get_method
 from fedllm.train.site import PRECISION_DTYPE, train_args
 
 MODULE_CLASS = "fedllm.train.module.CausalLMModule"
@@ -45,7 +46,7 @@ class ResumableFedAvgRecipe(FedAvgRecipe):
 
 
 def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], start_round: int = 0,
-                 store: str = "") -> FedAvgRecipe:
+                 store: str = "", site_python: str | None = None) -> FedAvgRecipe:
     """A FedAvg recipe over ``sites`` for the prepared run dir.
 
     ``run_dir`` must hold ``config.yaml``, ``data/`` and ``models/base`` (see
@@ -53,7 +54,10 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
     (one machine, a shared volume, or a per-site copy at the same path).
     ``start_round`` > 0 resumes: the job runs rounds ``start_round+1 .. rounds``
     from round ``start_round``'s persisted global model. ``store``: the run's
-    store URI, where every round's global model is uploaded.
+    store URI, where every round's global model is uploaded. ``site_python``: the
+    interpreter each site starts its training process with, ``python -u -m
+    fedllm.federation.client`` (default: this one, right wherever the sites share this
+    machine's environment, as in the simulator).
     """
     run_dir = Path(run_dir).resolve()
     module_args = {
@@ -83,7 +87,7 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         **server_memory_settings(),
         # Each site's training runs in its own process, launched once per job: tasks and
         # results are handed over with events, not 0.5 s polls.
-        **site_process_settings(module=client_script.__name__),
+        **site_process_settings(python=site_python, module=client_script.__name__),
         # One running sum, each site's update freed as it is added, independent of
         # the order sites report in (see fedllm.federation.aggregation).
         aggregator=RunningWeightedAverage(),
@@ -97,9 +101,14 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
 def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig) -> None:
     """Round timing and memory settings, and message quantization."""
     # No polling on a round's critical path (NVFlare's defaults wait 2 s per site
-    # per round), and garbage collection on the server after every round.
+    # per round).
     apply_round_tuning(recipe)
-    apply_memory_settings(recipe)
+    if not get_method(cfg.method.name).is_peft:
+        # Full weights: collect and trim the server's heap after every round, so freed
+        # updates go back to the OS. A collection costs ~0.3 s on the round's critical path
+        # in the simulator (one process holds everything), nothing against a full-model
+        # round, but more than a whole PEFT round's overhead, whose updates are megabytes.
+        apply_memory_settings(recipe)
     if cfg.federation.quantization:
         from fedllm.federation.quantization import add_quantization
 

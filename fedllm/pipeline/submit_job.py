@@ -98,6 +98,15 @@ def wait_for_sites(session, sites: list[str], timeout_s: float) -> None:
         time.sleep(2)
 
 
+SITE_PYTHON_ENV = "FEDLLM_SITE_PYTHON"
+
+
+def site_python() -> str:
+    """The interpreter the federation's sites train with: ``python3`` of the fedllm image,
+    or ``$FEDLLM_SITE_PYTHON`` (a federation of local processes running another environment)."""
+    return os.environ.get(SITE_PYTHON_ENV) or "python3"
+
+
 def submit_federation(
     run_dir: str | os.PathLike,
     admin_kit: str | os.PathLike,
@@ -128,7 +137,7 @@ def submit_federation(
     run, cfg = load_run(run_dir)
     sites = load_partitions(run / "data").sites
     job_root = run / "federation" / "job"
-    build_recipe(cfg, run, sites).export(str(job_root))
+    build_recipe(cfg, run, sites, site_python=site_python()).export(str(job_root))
     with tempfile.TemporaryDirectory(prefix="fedllm-admin-") as tmp:
         kit = admin_kit_dir(Path(admin_kit), Path(tmp) / "admin")
         user = username or admin_username(kit)
