@@ -2,7 +2,8 @@
 
 What travels per round per site (and back from the server) is the module's exchanged weights:
 ``CausalLMModule.state_dict()`` — every weight for SFT, the trainable adapter / prompt weights
-for PEFT (fedllm's defaults: LoRA r=8 on all linear layers, 10 virtual tokens). With
+for PEFT (fedllm's defaults: LoRA r=8 on the attention projections peft picks for the
+model family, 10 virtual tokens; for GPT-2 medium, E2's LoRA: r=32 on the fused QKV). With
 ``federation.quantization`` the message is what fedllm's quantization filter produces from
 those weights (``fedllm.federation.quantization.quantize_weights``, the same code the job's
 filters run): the quantized values plus the scales and code books carried in the message.
@@ -10,7 +11,8 @@ Each size below is computed from the real tensors, never from a formula.
 
 Models: the benchmarks' tiny llama (from a real prepared run), and, unless ``--quick``, a
 randomly initialised llama of ~350M parameters (hidden 1024, 24 layers, vocab 32000:
-GPT-2-medium scale, the issue's GPU size).
+GPT-2-medium scale, the issue's GPU size) and GPT-2 medium itself (355M, E2's stand-in),
+with the LoRA settings of ``configs/e2_lora_phrasebank_alpha1.yaml``.
 
     .venv/bin/python bench/b2_bytes.py [--quick]
 
@@ -39,12 +41,14 @@ LARGE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24
          "num_key_value_heads": 16, "vocab_size": 32000, "tie_word_embeddings": True}
 
 
-def exchanged_weights(base_model, method: str) -> dict:
+E2_CONFIG = REPO / "configs" / "e2_lora_phrasebank_alpha1.yaml"
+
+
+def exchanged_weights(base_model, method: str, params: dict) -> dict:
     """The weights a site sends for ``method``: trainable parameters, as the module's state_dict holds them."""
-    from fedllm.config import MethodConfig
     from fedllm.train.methods import apply_method
 
-    model = apply_method(base_model, method, dict(MethodConfig(name=method).params))
+    model = apply_method(base_model, method, params)
     weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if method == "lora":
         # peft injects LoRA layers into the base in place: take them out for the next method
@@ -62,14 +66,21 @@ def message_sizes(weights: dict) -> dict:
     return sizes
 
 
-def measure_model(label: str, model) -> dict:
+def measure_model(label: str, model, lora_params: dict | None = None) -> dict:
+    """Message sizes of every method on ``model``; LoRA with ``lora_params`` (default: fedllm's)."""
+    from fedllm.config import MethodConfig
+
     full = sum(int(p.numel()) for p in model.parameters())
     result = {"parameters": full, "full_fp32_bytes": full * 4, "methods": {}}
     for method in METHODS:
         started = time.perf_counter()
-        weights = exchanged_weights(model, method)
+        params = dict(MethodConfig(name=method).params)
+        if method == "lora" and lora_params is not None:
+            params = lora_params
+        weights = exchanged_weights(model, method, params)
         sizes = message_sizes(weights)
         result["methods"][method] = {
+            "params": params,
             "exchanged_parameters": sum(int(t.numel()) for t in weights.values()),
             "bytes": sizes,
             "over_fp32_full": {k: v / result["full_fp32_bytes"] for k, v in sizes.items()},
@@ -108,6 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
         models["llama-350m"] = measure_model("llama-350m", large)
         del large
 
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from fedllm.config import load_config
+
+        e2 = load_config(E2_CONFIG)
+        gpt2_medium = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))  # gpt2-medium's shape
+        models["gpt2-medium (E2)"] = measure_model("gpt2-medium (E2)", gpt2_medium, dict(e2.method.params))
+        del gpt2_medium
+
     rows = []
     for label, r in models.items():
         for method, m in r["methods"].items():
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lora_over_sft": headline["lora_over_sft"],
         "prompt_tuning_over_sft": headline["prompt_tuning_over_sft"],
         "q8_over_fp32": headline["q8_over_fp32"],
+        "lora_over_sft_by_model": {label: r["lora_over_sft"] for label, r in models.items()},
         "models": models,
     }
     print(f"[b2] wrote {write_result('b2', payload)}")

@@ -9,14 +9,20 @@ the run measures aggregation, not training.
 
 While the job runs, a sampler reads every 50 ms the RSS of each server process separately:
 the server parent (``server_train``) and the job process it spawns (``runner_process``), where
-FedAvg aggregates. Peak RSS / model size is reported per process.
+FedAvg aggregates. Peak RSS / model size is reported per process, twice: as measured, and
+net of the process itself: minus the peak of the same job process in the same federation
+with a 72-parameter model (its interpreter, NVFlare, torch and threads: ~0.5 GB, more than
+the model's size on its own). The net figure is the memory aggregation costs.
 
 Variants:
 
 * ``nvflare-defaults``: the recipe as NVFlare builds it (numpy exchange, InTime aggregation);
-* ``fedllm``: what ``fedllm/federation/job.py`` ships (``job.server_memory_settings()``);
-* ``fedllm-running-avg``: PyTorch exchange + ``RunningWeightedAverage`` + ``apply_memory_settings``;
-* ``fedllm-streaming``: that + NVFlare's tensor streaming with disk offload on the server.
+* ``fedllm``: what ``fedllm/federation/job.py`` ships: ``tuning.server_memory_settings()``
+  (PyTorch exchange, tensor disk offload), ``RunningWeightedAverage`` (references to the
+  offloaded updates, summed in site order at the end of the round), ``apply_memory_settings``;
+* ``fedllm-in-memory``: the same without disk offload (a float64 running sum of in-memory
+  updates: what the simulator does, where offload cannot engage);
+* ``fedllm-streaming``: ``fedllm`` + NVFlare's tensor streaming (``recipe.enable_tensor_streaming``).
 
     .venv/bin/python bench/b3_server_memory.py --sites 2 4 8 --rounds 3
     .venv/bin/python bench/b3_server_memory.py --quick     # 2 sites, a 4x smaller model
@@ -52,16 +58,19 @@ MODEL = {
         "dim_feedforward": 3072,
     },
 }
+# The same federation with next to no model: what the server job process holds without one.
+BASELINE_MODEL = {"class_path": "torch.nn.Linear", "args": {"in_features": 8, "out_features": 8}}
 QUICK_MODEL_ARGS = {"d_model": 512, "nhead": 8, "num_encoder_layers": 3, "num_decoder_layers": 3, "dim_feedforward": 2048}
-VARIANTS = ("nvflare-defaults", "fedllm", "fedllm-running-avg", "fedllm-streaming")
+VARIANTS = ("nvflare-defaults", "fedllm", "fedllm-in-memory", "fedllm-streaming")
 SAMPLE_EVERY_S = 0.05
 
 
 def model_size_bytes(model: dict = MODEL) -> tuple[int, int]:
     """(parameter count, fp32 bytes) of ``model``'s state dict, computed from the real module."""
-    import torch
+    import importlib
 
-    module = torch.nn.Transformer(**model["args"])
+    module_name, class_name = model["class_path"].rsplit(".", 1)
+    module = getattr(importlib.import_module(module_name), class_name)(**model["args"])
     count = sum(t.numel() for t in module.state_dict().values())
     nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     return count, nbytes
@@ -119,12 +128,10 @@ def build_recipe(variant: str, model: dict, sites: int, rounds: int, noise: floa
     from fedllm.federation.tuning import apply_memory_settings, apply_round_tuning, server_memory_settings
 
     kwargs = {}
-    if variant == "fedllm":
-        kwargs = server_memory_settings()
-    elif variant in ("fedllm-running-avg", "fedllm-streaming"):
+    if variant in ("fedllm", "fedllm-streaming"):
+        kwargs = {**server_memory_settings(), "aggregator": RunningWeightedAverage()}
+    elif variant == "fedllm-in-memory":
         kwargs = {"server_expected_format": ExchangeFormat.PYTORCH, "aggregator": RunningWeightedAverage()}
-        if variant == "fedllm-streaming":
-            kwargs["enable_tensor_disk_offload"] = True
     recipe = FedAvgRecipe(
         name=f"b3-{variant}-{sites}",
         model=model,
@@ -165,6 +172,22 @@ def run_federation(variant: str, sites: int, rounds: int, noise: float, workdir:
             finally:
                 _kill_leftovers(str(workdir / "poc"))
     return {"wall_s": wall_s, "job_status": str(status_text), "result": str(status), "processes": sampler.peaks}
+
+
+def _baseline_peak(sites: int, rounds: int) -> int:
+    """Peak RSS of the server job process in the shipped federation of ``sites`` with a
+    72-parameter model: the process's own footprint. 0 when the run failed."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"b3-baseline-{sites}-"))
+    try:
+        result = run_federation("fedllm", sites, rounds, 0.0, workdir, BASELINE_MODEL)
+    except Exception as error:
+        print(f"[b3] baseline sites={sites} failed: {type(error).__name__}: {error}", flush=True)
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    peak = max((e["peak_rss"] for e in result["processes"].values() if e["role"] == "server job"), default=0)
+    print(f"[b3] baseline sites={sites}: server job process without a model peaks at {peak / 2**20:.0f} MiB", flush=True)
+    return peak
 
 
 def _kill_leftovers(root: str) -> None:
@@ -215,8 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     os.chdir(REPO)  # train_script is relative to the repo root
 
     params, nbytes = model_size_bytes(model)
-    rows, runs = [], []
+    rows, runs, baselines = [], [], {}
     for sites in args.sites:
+        baselines[str(sites)] = _baseline_peak(sites, args.rounds)
         for variant in args.variants:
             workdir = Path(tempfile.mkdtemp(prefix=f"b3-{variant}-{sites}-"))
             try:
@@ -235,25 +259,33 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append(run)
             job_peak = by_role.get("server job", 0)
             parent_peak = by_role.get("server parent", 0)
+            net = (job_peak - baselines[str(sites)]) / nbytes if baselines[str(sites)] else None
+            run["net_over_model"] = net
             rows.append(
-                [variant, sites, job_peak / 2**20, job_peak / nbytes, parent_peak / 2**20, parent_peak / nbytes, result["wall_s"]]
+                [variant, sites, job_peak / 2**20, job_peak / nbytes, net if net is not None else "n/a",
+                 parent_peak / nbytes, result["wall_s"]]
             )
-            print(f"[b3] {variant} sites={sites}: server job peak {job_peak / nbytes:.2f}x model, "
+            print(f"[b3] {variant} sites={sites}: server job peak {job_peak / nbytes:.2f}x model "
+                  f"({net if net is not None else float('nan'):.2f}x net of the process), "
                   f"parent {parent_peak / nbytes:.2f}x, wall {result['wall_s']:.0f} s, status {result['job_status']}",
                   flush=True)
 
-    print(f"model: torch.nn.Transformer {params / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB fp32")
+    print(f"model: torch.nn.Transformer {params / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB fp32; "
+          f"server job process without a model: {', '.join(f'{k} sites {v / 2**20:.0f} MiB' for k, v in baselines.items())}")
     print_table(
-        ["variant", "sites", "server job peak RSS (MiB)", "x model", "server parent peak RSS (MiB)", "x model", "wall (s)"],
+        ["variant", "sites", "server job peak RSS (MiB)", "x model", "x model, net of the process", "server parent x model", "wall (s)"],
         rows,
     )
-    shipped = {str(r["sites"]): r["peak_rss_by_role"].get("server job", 0) / nbytes for r in runs if r["variant"] == "fedllm" and "error" not in r}
+    shipped_runs = [r for r in runs if r["variant"] == "fedllm" and "error" not in r]
+    shipped = {str(r["sites"]): r["peak_rss_by_role"].get("server job", 0) / nbytes for r in shipped_runs}
     payload = {
         "benchmark": "b3",
         "model": {**model, "parameters": params, "bytes_fp32": nbytes},
         "setup": {"rounds": args.rounds, "noise": args.noise, "mode": "POC (PocEnv)", "sample_every_s": SAMPLE_EVERY_S},
         "setup_line": f"torch.nn.Transformer {params / 1e6:.0f}M params, full SFT weights, POC, {args.rounds} rounds",
         "peak_rss_over_model": shipped,
+        "net_peak_rss_over_model": {str(r["sites"]): r["net_over_model"] for r in shipped_runs},
+        "baseline_peak_rss_bytes": baselines,
         "by_variant": {
             v: {str(r["sites"]): r["peak_rss_by_role"].get("server job", 0) / nbytes for r in runs if r["variant"] == v and "error" not in r}
             for v in args.variants

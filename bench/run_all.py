@@ -53,13 +53,21 @@ def summary_rows(result: dict) -> list[list]:
         m = b2["models"][b2["headline_model"]]
         setup = f"{b2['headline_model']} ({m['parameters'] / 1e6:.0f}M params)"
         rows.append(["B2", "LoRA bytes / SFT bytes", f"{b2['lora_over_sft']:.4f}", "<= 0.01", setup])
+        for label, ratio in (b2.get("lora_over_sft_by_model") or {}).items():
+            if label not in (b2["headline_model"], "tiny"):  # the tiny model is mostly embeddings
+                params = b2["models"][label]["methods"]["lora"]["params"]
+                rows.append(["B2", "LoRA bytes / SFT bytes", f"{ratio:.4f}", "<= 0.01",
+                             f"{label} ({b2['models'][label]['parameters'] / 1e6:.0f}M params), LoRA {params}"])
         rows.append(["B2", "prompt tuning bytes / SFT bytes", f"{b2['prompt_tuning_over_sft']:.6f}", "", setup])
         for q in ("fp16", "blockwise8", "float4", "normfloat4"):
             rows.append(["B2", f"SFT {q} / fp32", f"{m['methods']['sft']['over_fp32_full'][q]:.3f}",
                          "<= 0.27" if q == "blockwise8" else "", setup])
     b3 = result.get("b3") or {}
+    net = b3.get("net_peak_rss_over_model") or {}
     for sites, x in (b3.get("peak_rss_over_model") or {}).items():
         rows.append(["B3", f"server peak RSS / model, {sites} sites", f"{x:.2f}", "<= 2, flat", b3.get("setup_line", "")])
+        if net.get(sites) is not None:
+            rows.append(["B3", f"  net of the process itself, {sites} sites", f"{net[sites]:.2f}", "", b3.get("setup_line", "")])
     b4 = result.get("b4") or {}
     if "speedup_over_plain" in b4:
         s = b4["setup"]
