@@ -298,4 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from bench.run_all import exit_now
+
     main()
+    exit_now(0)

@@ -112,5 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def exit_now(code: int) -> None:
+    """Exit even if NVFlare left threads behind: a POC admin session's connector can outlive
+    ``PocEnv.stop`` and retry the stopped server forever, which would keep ``make bench``
+    from returning after its results are written."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -96,3 +96,30 @@ def test_submit_mode_runs_the_job_on_the_federation_and_reads_the_result_back(fe
     assert not entry["adapter_dir"].startswith("/") and (model_out / entry["adapter_dir"]).is_dir()
     assert not (model_out / "data").exists() and not (model_out / "models" / "base").exists()
     assert not list((tmp_path / "shared").iterdir()), "the shared run copy is removed after the step"
+
+
+class _RegisteringServer:
+    """Answers ``check_status("client")`` as NVFlare's server does while sites come up:
+    NoClientsAvailable before the first site registers, then the registered ones."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    def check_status(self, target):
+        from nvflare.fuel.flare_api.api_spec import NoClientsAvailable
+
+        assert target == "client"
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if answer is None:
+            raise NoClientsAvailable("no clients available")
+        return {"client_status": [{"client_name": name} for name in answer]}
+
+
+def test_waiting_for_sites_outlasts_a_server_with_no_site_yet(monkeypatch):
+    from fedllm.errors import FedllmError
+    from fedllm.pipeline import submit_job
+
+    monkeypatch.setattr(submit_job.time, "sleep", lambda s: None)
+    submit_job.wait_for_sites(_RegisteringServer([None, None, ["site-1"], ["site-1", "site-2"]]), ["site-1", "site-2"], 60)
+    with pytest.raises(FedllmError, match=r"site\(s\) site-2 of this run not registered after 0 s \(registered: none\)"):
+        submit_job.wait_for_sites(_RegisteringServer([None]), ["site-2"], 0)

@@ -83,9 +83,14 @@ class EventTail:
 
 def wait_for_sites(session, sites: list[str], timeout_s: float) -> None:
     """Return once every site of the run is registered with the server."""
+    from nvflare.fuel.flare_api.api_spec import NoClientsAvailable
+
     deadline = time.time() + timeout_s
     while True:
-        status = session.check_status("client")
+        try:
+            status = session.check_status("client")
+        except NoClientsAvailable:  # the server answers so until the first site registers
+            status = {}
         seen = {c["client_name"] for c in status.get("client_status", [])}
         missing = sorted(set(sites) - seen)
         if not missing:
