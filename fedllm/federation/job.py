@@ -83,13 +83,15 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         train_script=client_script.__file__,
         train_args=f"--run-dir {run_dir}",
         model_persistor=persistor,
-        # Tensors stay tensors end to end: no numpy round trip of every weight.
+        # Tensors stay tensors end to end (no numpy round trip of every weight), and the
+        # server downloads each site's update to disk where NVFlare can (not the simulator).
         **server_memory_settings(),
         # Each site's training runs in its own process, launched once per job: tasks and
         # results are handed over with events, not 0.5 s polls.
         **site_process_settings(python=site_python, module=client_script.__name__),
-        # One running sum, each site's update freed as it is added, independent of
-        # the order sites report in (see fedllm.federation.aggregation).
+        # Offloaded updates summed at the end of the round in site order; in-memory ones
+        # into one running sum as they arrive, each freed as it is added. Either way the
+        # global model does not depend on the order sites report in (fedllm.federation.aggregation).
         aggregator=RunningWeightedAverage(),
         key_metric="val_loss",
         key_metric_mode="min",
