@@ -194,14 +194,9 @@ def _kill_leftovers(root: str) -> None:
     """End this benchmark's POC processes that ``env.stop`` missed (it cannot reach a server
     that never came up, and that server's sites keep retrying); only processes whose command
     line names this run's own POC workspace."""
-    import psutil
+    from fedllm.federation.federate import stop_processes_mentioning
 
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if root in " ".join(proc.info["cmdline"] or []) and proc.pid != os.getpid():
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+    stop_processes_mentioning(root)
 
 
 def _submit(recipe, env, attempts: int = 3):

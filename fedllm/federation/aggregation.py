@@ -91,10 +91,11 @@ class RunningWeightedAverage(ModelAggregator):
             if site in self._deferred:
                 raise FedllmError(f"RunningWeightedAverage: site {site!r} sent two results in one round")
             self._deferred[site] = (weight, {name: params.pop(name) for name in list(params.keys())})
-        # Pop each tensor before adding it: once added, the site's copy is garbage as soon
-        # as this loop lets go of it, so the update never lives alongside a full second copy.
-        for name in list(params.keys()):
-            self._add(name, params.pop(name), weight)
+        else:
+            # Pop each tensor before adding it: once added, the site's copy is garbage as soon
+            # as this loop lets go of it, so the update never lives alongside a full second copy.
+            for name in list(params.keys()):
+                self._add(name, params.pop(name), weight)
         for key, value in (model.metrics or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._metric_sums[key] = self._metric_sums.get(key, 0.0) + weight * float(value)
@@ -156,9 +157,8 @@ class RunningWeightedAverage(ModelAggregator):
         return float(steps) * float(self.site_weights.get(site, 1.0))
 
     def _add(self, name: str, value, weight: float) -> None:
-        materialize = getattr(value, "materialize", None)  # disk-offloaded tensors arrive as lazy refs
-        if callable(materialize):
-            value = materialize()
+        if _is_on_disk(value):
+            value = value.materialize()
         total = self._sums.get(name)
         if total is None:
             self._dtypes[name] = value.dtype

@@ -38,6 +38,23 @@ def _events_to_this_stdout():
         os.environ.pop(events.QUIET_ENV, None)
 
 
+def stop_processes_mentioning(*markers: str) -> int:
+    """Kill every process (but this one) whose command line contains one of ``markers``;
+    wait up to 10 s for them to end. Returns how many there were."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        if proc.info["pid"] != os.getpid() and any(marker in command for marker in markers):
+            found.append(proc)
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(found, timeout=10)
+    return len(found)
+
+
 def _stop_leftover_processes(run_dir: Path, workspace: Path) -> None:
     """End the processes an earlier, killed job of this run dir left running.
 
@@ -48,20 +65,9 @@ def _stop_leftover_processes(run_dir: Path, workspace: Path) -> None:
     processes then fail to start. They are recognised by this run's paths in their command
     line: the workspace (workers) and ``--run-dir`` (training processes).
     """
-    import psutil
-
-    markers = (str(workspace) + os.sep, f"--run-dir {run_dir}")
-    leftovers = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        command = " ".join(proc.info["cmdline"] or [])
-        if proc.info["pid"] != os.getpid() and any(marker in command for marker in markers):
-            leftovers.append(proc)
-    for proc in leftovers:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(leftovers, timeout=10)
-    if leftovers:
-        events.emit("stopped_leftovers", site="driver", processes=len(leftovers), run_dir=str(run_dir))
+    stopped = stop_processes_mentioning(str(workspace) + os.sep, f"--run-dir {run_dir}")
+    if stopped:
+        events.emit("stopped_leftovers", site="driver", processes=stopped, run_dir=str(run_dir))
 
 
 def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], start_round: int = 0,

@@ -135,8 +135,9 @@ def server_memory_settings() -> dict:
     Tensors travel as PyTorch tensors end to end (no numpy copy of every weight on the
     server), and the server downloads each site's update to disk instead of memory
     (NVFlare's tensor disk offload): ``RunningWeightedAverage`` then holds references to the
-    files and sums them parameter by parameter at the end of the round, so the server holds
-    the global model and the result, whatever the number of sites. Where offload cannot
+    files and sums them parameter by parameter at the end of the round, so the updates cost
+    the aggregator one fp32 result, whatever the number of sites (NVFlare's own copies of the
+    model on the server come on top: B3 in bench/README.md). Where offload cannot
     engage (NVFlare's simulator: no server cell for it), updates arrive in memory and are
     summed as they come. ``bench/b3_server_memory.py`` measures both (B3 in bench/README.md).
     Pair with ``aggregator=RunningWeightedAverage()`` and ``apply_memory_settings(recipe)``.
