@@ -256,6 +256,9 @@ def write_summary(run_dir: str | os.PathLike, store: Optional[str] = None) -> di
         "steps_per_round": settings["fedavg"].get("steps_per_round"),
         "settings": settings,
     }
+    from fedllm.evaluate.bootstrap import compare_settings
+
+    summary["comparisons"] = compare_settings(run, settings)  # FedAvg vs each baseline, paired bootstrap
     write_json_atomic(run / SUMMARY, summary)
     publish(run, store_uri_of(store), "summary")
     return summary

@@ -250,3 +250,102 @@ def test_malformed_curve_names_the_field(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(FedllmError, match=r"settings\.fedavg\.val_loss_curve\[2\]"):
         write_report(tmp_path)
+
+
+# The task's own metric: every setting scored on the same 30 rows; FedAvg and a variant compared.
+CHOICES = ["negative", "neutral", "positive"]
+TASK_ROWS = 30
+# How many of the 30 rows each setting gets right (the rest predicted one label off).
+TASK_RIGHT = {"base": 9, "site:dolly": 21, "site:oasst1": 20, "site:medical_meadow": 15,
+              "centralized": 28, "fedavg": 27, "fedavg:product_svd": 28}
+TASK_NAMES = [*ROW_NAMES, "FedAvg (product SVD)"]
+
+
+def _add_task(run_dir: Path, summary: dict) -> dict:
+    from fedllm.evaluate.bootstrap import compare_settings
+    from fedllm.evaluate.task_metric import accuracy, macro_f1
+
+    settings = summary["settings"]
+    settings["fedavg:product_svd"] = {**settings["fedavg"], "adapter_dir": "models/fedavg-product_svd",
+                                      "val_loss": 4.95}
+    gold = [i % 3 for i in range(TASK_ROWS)]
+    (run_dir / "tasks").mkdir()
+    for key, right in TASK_RIGHT.items():
+        predicted = [g if i < right else (g + 1) % 3 for i, g in enumerate(gold)]
+        path = f"tasks/{key.replace(':', '-')}.json"
+        (run_dir / path).write_text(json.dumps({
+            "setting": key, "choices": CHOICES, "gold": gold, "predicted": predicted,
+            "origins": [f"data/phrasebank/test.jsonl:{i + 1}" for i in range(TASK_ROWS)]}))
+        final = accuracy(gold, predicted)
+        curve_rounds = [0] if key == "base" else list(range(ROUNDS + 1))
+        settings[key]["task"] = {
+            "metric": "label_choice", "split": "test", "choices": CHOICES, "n": TASK_ROWS,
+            "accuracy": final, "macro_f1": macro_f1(gold, predicted, 3),
+            "curve": [{"round": r, "step": r * STEPS_PER_ROUND, "accuracy": 0.3 + (final - 0.3) * r / ROUNDS,
+                       "macro_f1": 0.2 + (final - 0.3) * r / ROUNDS} for r in curve_rounds],
+            "predictions": path,
+        }
+    summary["comparisons"] = compare_settings(run_dir, settings)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def test_report_with_the_task_metric_a_variant_and_comparisons(tmp_path):
+    summary = _add_task(tmp_path, _write_run(tmp_path))
+
+    page = write_report(tmp_path).read_text()
+
+    tables = _Tables()
+    tables.feed(page)
+    results = [row for row in tables.tables[0] if row]
+    assert [row[0][0] for row in results] == TASK_NAMES  # the variant right after FedAvg
+    # Columns: 5 scores, Mean, Val loss, then Task acc and Task F1, best (28 of 30 right) in bold.
+    task_acc = {row[0][0]: (row[8][0], row[8][1]) for row in results}
+    assert task_acc["Centralized"] == ("0.933", True) and task_acc["FedAvg (product SVD)"] == ("0.933", True)
+    assert task_acc["FedAvg"] == ("0.900", False) and task_acc["Base"] == ("0.300", False)
+    assert [row[0][0] for row in results if row[9][1]] == ["Centralized", "FedAvg (product SVD)"]
+    assert "<th>Task acc</th><th>Task F1</th>" in page
+    assert "accuracy and macro-F1 on the 30 test rows (choices: negative / neutral / positive)" in page
+
+    # Is the difference real? One row per comparison: 3 sites + centralized for FedAvg, and FedAvg too for the variant.
+    compared = next(t for t in tables.tables if len(t) > 1 and t[1][0][0] == "FedAvg" and t[1][2][0] == "accuracy")
+    compared = [[text for text, _ in row] for row in compared if row]
+    assert len(compared) == (4 + 5) * 2 == len(summary["comparisons"])
+    assert [row[:3] for row in compared[:2]] == [["FedAvg", "dolly", "accuracy"], ["FedAvg", "dolly", "macro-F1"]]
+    first = summary["comparisons"][0]
+    lo, hi = first["ci95"]
+    assert compared[0][3:] == ["+0.200", f"[{lo:+.3f}, {hi:+.3f}]", "better"]  # 27 vs 21 right of 30
+    by_pair = {(row[0], row[1], row[2]): row for row in compared}
+    assert by_pair[("FedAvg", "Centralized", "accuracy")][3] == "-0.033"
+    assert by_pair[("FedAvg", "Centralized", "accuracy")][5] == "within noise"
+    assert by_pair[("FedAvg (product SVD)", "FedAvg", "accuracy")][3] == "+0.033"
+    assert "Paired bootstrap over the same 30 test rows, 2000 resamples" in page
+
+    # Task metric per round: a chart and one row per setting, rounds 0..3.
+    report = tmp_path / "report"
+    _assert_real_png(report / "task_curves.png")
+    assert 'href="task_curves.png"' in page
+    per_round = next(t for t in tables.tables if len(t) > 1 and len(t[1]) == ROUNDS + 2)
+    per_round = {row[0][0]: [text for text, _ in row[1:]] for row in per_round if row}
+    assert per_round["Base"] == ["0.300", "–", "–", "–"]
+    assert per_round["FedAvg"] == ["0.300", "0.500", "0.700", "0.900"]
+    assert "<th>Round 0</th>" in page
+
+    # report.md has the same sections; the terminal table the task columns and the comparisons.
+    markdown = (report / "report.md").read_text()
+    assert "## Is the difference real?" in markdown and "## Task metric per round" in markdown
+    assert "| FedAvg | dolly | accuracy | +0.200 |" in markdown
+    text = format_table_text(summary)
+    assert text.splitlines()[0].endswith("Task acc  Task F1")
+    variant_line = next(line for line in text.splitlines() if line.startswith("FedAvg (product SVD)"))
+    assert variant_line.split()[-2:] == ["0.933*", f"{summary['settings']['fedavg:product_svd']['task']['macro_f1']:.3f}*"]
+    assert "Is the difference real?" in text
+    assert re.search(r"^FedAvg\s+vs\s+dolly\s+accuracy\s+\+0\.200\s+\[[-+.0-9]+, [-+.0-9]+\]\s+better$", text, re.M)
+
+
+def test_report_without_task_metric_says_how_to_get_it(tmp_path):
+    _write_run(tmp_path)
+    page = write_report(tmp_path).read_text()
+    assert "Task acc" not in page
+    assert page.count("Task metric: not recorded in this run (set evaluation.task.metric: label_choice") == 2
+    assert not (tmp_path / "report" / "task_curves.png").exists()

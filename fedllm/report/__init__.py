@@ -1,4 +1,5 @@
-"""The run report: results table, validation curves, partition, communication and time.
+"""The run report: results table, FedAvg against each baseline, task metric and validation
+curves, partition, communication and time.
 
     from fedllm.report import write_report, format_table_text
     index_html = write_report("runs/demo")          # runs/demo/report/index.html

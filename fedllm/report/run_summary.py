@@ -18,6 +18,8 @@ SUMMARY_FILE = "summary.json"
 
 # Rows of the results table in the seed's layout; sites go between base and centralized.
 _DISPLAY_NAMES = {"base": "Base", "centralized": "Centralized", "fedavg": "FedAvg"}
+# Words of a variant name that a reader knows in capitals (``fedavg:product_svd`` → product SVD).
+_ACRONYMS = {"svd": "SVD", "lora": "LoRA", "qr": "QR", "pca": "PCA"}
 
 
 def load_summary(run_dir: str | Path) -> tuple[dict, Path]:
@@ -47,27 +49,33 @@ def load_summary(run_dir: str | Path) -> tuple[dict, Path]:
 
 
 def ordered_settings(summary: dict) -> list[tuple[str, dict]]:
-    """Settings in the seed's row order: base, each site, centralized, fedavg, then any others.
+    """Settings in the seed's row order: base, each site, centralized, fedavg, its
+    variants (``fedavg:<variant>``, in the order recorded), then any others.
 
     Sites follow ``summary["sites"]`` when given, else the order they were recorded in.
     """
     settings: dict = summary.get("settings") or {}
     site_keys = [f"site:{name}" for name in summary.get("sites") or []]
     site_keys += [k for k in settings if k.startswith("site:") and k not in site_keys]
-    order = ["base", *site_keys, "centralized", "fedavg"]
+    variants = [k for k in settings if k.startswith("fedavg:")]
+    order = ["base", *site_keys, "centralized", "fedavg", *variants]
     order += [k for k in settings if k not in order]
     return [(key, settings[key]) for key in order if key in settings]
 
 
 def display_name(setting_key: str) -> str:
-    """The name a reader sees for a setting: ``site:dolly`` → ``dolly``, ``fedavg`` → ``FedAvg``."""
+    """The name a reader sees for a setting: ``site:dolly`` → ``dolly``, ``fedavg`` → ``FedAvg``,
+    ``fedavg:product_svd`` → ``FedAvg (product SVD)``."""
     if setting_key.startswith("site:"):
         return setting_key[len("site:"):]
+    if setting_key.startswith("fedavg:"):
+        words = setting_key[len("fedavg:"):].replace("-", "_").split("_")
+        return f"FedAvg ({' '.join(_ACRONYMS.get(w.lower(), w) for w in words if w)})"
     return _DISPLAY_NAMES.get(setting_key, setting_key)
 
 
 def is_federated(setting_key: str, setting: dict) -> bool:
-    return setting.get("kind") == "federated" or setting_key == "fedavg"
+    return setting.get("kind") == "federated" or setting_key == "fedavg" or setting_key.startswith("fedavg:")
 
 
 def number(value: Any, where: str) -> Optional[float]:

@@ -19,6 +19,8 @@ from fedllm.report.markdown import render_markdown
 from fedllm.report.partition import partition_section
 from fedllm.report.results import results_section
 from fedllm.report.run_summary import load_summary
+from fedllm.report.significance import significance_section
+from fedllm.report.task import task_curves_section
 from fedllm.report.timing import timing_section
 
 REPORT_DIR = "report"
@@ -33,6 +35,8 @@ def build_document(run_dir: str | Path) -> Document:
         [
             header_section(summary, source),
             results_section(summary, source),
+            significance_section(summary, source),
+            task_curves_section(summary, source),
             curves_section(summary, source),
             partition_section(summary, Path(run_dir), source),
             communication_section(summary, source),
