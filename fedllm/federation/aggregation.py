@@ -23,10 +23,19 @@ alive until the callback returns. Use this one with the recipe's ``aggregator=``
 
 A site's weight is its ``NUM_STEPS_CURRENT_ROUND`` (meta key set by the Client API;
 1 when absent) times its entry in ``site_weights`` (1 when absent), as in NVFlare's FedAvg.
+
+LoRA adapters (``lora_aggregation="product_svd"``): averaging A and B separately gives
+mean(B)·mean(A), which is not the mean of the sites' updates mean(B_i·A_i). With
+``product_svd`` the aggregator also sums w_i·B_i·A_i per adapted module in float64 (one
+dense out×in matrix per module, whatever the number of sites), and at the end of the round
+factors the exact mean back into the adapter's rank by truncated SVD. That costs one dense
+float64 matrix and one SVD per adapted module on the server: what the base layer's own
+weight would take, in float64.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import numpy as np
@@ -37,6 +46,13 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
 from fedllm.errors import FedllmError
 
+LORA_AGGREGATIONS = ("factors", "product_svd")
+
+# peft's names: ``<module>.lora_A.<adapter>.weight`` [r, in] with ``<module>.lora_B.<adapter>.weight``
+# [out, r] (Linear, GPT-2's Conv1D), and ``<module>.lora_embedding_A.<adapter>`` [r, num_embeddings]
+# with ``<module>.lora_embedding_B.<adapter>`` [dim, r] (Embedding).
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<side>[AB])\.(?P<adapter>[^.]+)(?P<suffix>\.weight)?$")
+
 
 class RunningWeightedAverage(ModelAggregator):
     """Weighted mean of the sites' parameters, accumulated in place, one site at a time.
@@ -44,16 +60,36 @@ class RunningWeightedAverage(ModelAggregator):
     Args:
         site_weights: optional extra weight per site name (e.g. ``{"site-1": 2.0}``); a site
             not listed weighs 1. Multiplied with the site's ``NUM_STEPS_CURRENT_ROUND``.
+        lora_aggregation: ``"factors"`` (default) averages LoRA's A and B like any other
+            parameter. ``"product_svd"``: per adapted module, the result's B'·A' is the best
+            rank-r approximation (r = ``lora_A.shape[0]``) of the weighted mean of the sites'
+            products B_i·A_i, computed in float64; B' = U_r·sqrt(S_r), A' = sqrt(S_r)·V_rᵀ, each
+            column of U_r with a positive largest-magnitude entry. Every site must send A and
+            B together (2-D, peft's names); the sites must send full weights, not differences.
 
     Guarantees: ``aggregate_model()`` returns, per parameter name, the weighted mean over the
     sites that sent that parameter, in the dtype the first site sent it in (integer
     parameters are rounded), summed in float64 so the result does not depend on the
     order the sites' results arrive in. Works with numpy arrays and torch tensors. Metrics that are
     numbers are averaged with the same weights. The aggregator is reset after each call.
+    With ``product_svd`` the result's meta also holds ``lora_aggregation``: ``{"method":
+    "product_svd", "modules": <adapted modules>, "factor_error": ..., "svd_error": ...}``, where
+    ``factor_error`` = ||mean(B)·mean(A) − mean(B·A)|| / ||mean(B·A)|| (what plain factor
+    averaging would have got wrong) and ``svd_error`` = ||mean(B·A) − B'·A'|| / ||mean(B·A)||
+    (what the rank-r truncation drops), Frobenius norms over all adapted modules together;
+    both 0.0 when every product is zero. The SVD factors, like every mean, come out bit for
+    bit the same whatever order the sites report in; the two errors only up to float64
+    rounding.
     """
 
-    def __init__(self, site_weights: Optional[dict] = None):
+    def __init__(self, site_weights: Optional[dict] = None, lora_aggregation: str = "factors"):
         super().__init__()
+        if lora_aggregation not in LORA_AGGREGATIONS:
+            raise FedllmError(
+                f"RunningWeightedAverage lora_aggregation={lora_aggregation!r}: expected one of {', '.join(LORA_AGGREGATIONS)}"
+            )
+        # Kept under the argument's name: NVFlare's Job API re-creates the component from it.
+        self.lora_aggregation = lora_aggregation
         self.site_weights = dict(site_weights or {})
         for site, weight in self.site_weights.items():
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
@@ -71,6 +107,11 @@ class RunningWeightedAverage(ModelAggregator):
         self._metric_weight = 0.0
         self._params_type = None
         self._sites: list[str] = []
+        # product_svd: module -> (lora_A name, lora_B name); name -> its module
+        self._pairs: dict[str, tuple[str, str]] = {}
+        self._module_of: dict[str, str] = {}
+        self._products: dict[str, np.ndarray] = {}  # module -> float64 sum of w_i·B_i·A_i
+        self._product_weights: dict[str, float] = {}
 
     def accept_model(self, model: FLModel) -> bool:
         """Add one site's result to the running sum; empties ``model.params`` while doing so."""
@@ -86,12 +127,18 @@ class RunningWeightedAverage(ModelAggregator):
                 f"other sites sent {self._params_type}; all sites must send the same kind"
             )
         params = model.params
+        pairs = self._register_pairs(site, params, model.params_type) if self.lora_aggregation == "product_svd" else {}
         if any(_is_on_disk(value) for value in params.values()):
             # Disk-offloaded update: keep the references, sum at the end in site order.
             if site in self._deferred:
                 raise FedllmError(f"RunningWeightedAverage: site {site!r} sent two results in one round")
             self._deferred[site] = (weight, {name: params.pop(name) for name in list(params.keys())})
         else:
+            # Products first, while the site's A and B are both still at hand; the factors
+            # themselves are then summed like every other parameter (mean(B)·mean(A) is
+            # the diagnostic's reference).
+            for module, (a_name, b_name) in pairs.items():
+                self._add_product(module, params[a_name], params[b_name], weight)
             # Pop each tensor before adding it: once added, the site's copy is garbage as soon
             # as this loop lets go of it, so the update never lives alongside a full second copy.
             for name in list(params.keys()):
@@ -109,28 +156,128 @@ class RunningWeightedAverage(ModelAggregator):
         if not self._sums and not self._deferred:
             raise FedllmError("RunningWeightedAverage: no site results to aggregate this round")
         params = {}
+        order = self._deferred_names()
         # Disk-offloaded updates: one parameter at a time, its sites in name order, so only
-        # that parameter's float64 sum exists besides the finished fp32 result.
-        for name in self._deferred_names():
+        # that parameter's float64 sum exists besides the finished fp32 result. A LoRA pair
+        # is read together (its product needs both), then finished with the SVD below.
+        for name in order:
+            module = self._module_of.get(name)
+            if module is not None:
+                self._add_deferred_pair(module)
+                continue
             for site in sorted(self._deferred):
                 weight, update = self._deferred[site]
                 if name in update:
                     self._add(name, update.pop(name), weight)  # the file is read here, once
             params[name] = self._finish(name)
         self._deferred = {}
+        order += [name for name in self._sums if name not in params and name not in order]
         for name in list(self._sums.keys()):
-            params[name] = self._finish(name)
+            if name not in self._module_of:
+                params[name] = self._finish(name)
+        meta = {"nr_aggregated": len(self._sites), "aggregated_sites": list(self._sites)}
+        if self.lora_aggregation == "product_svd":
+            meta["lora_aggregation"] = self._finish_products(params)
+        params = {name: params[name] for name in order}
         metrics = None
         if self._metric_sums and self._metric_weight > 0:
             metrics = {k: v / self._metric_weight for k, v in self._metric_sums.items()}
-        result = FLModel(
-            params=params,
-            params_type=self._params_type,
-            metrics=metrics,
-            meta={"nr_aggregated": len(self._sites), "aggregated_sites": list(self._sites)},
-        )
+        result = FLModel(params=params, params_type=self._params_type, metrics=metrics, meta=meta)
         self.reset_stats()
         return result
+
+    def _register_pairs(self, site: str, params: dict, params_type) -> dict[str, tuple[str, str]]:
+        """This site's LoRA pairs, module -> (A name, B name); every A needs its B and back."""
+        from nvflare.app_common.abstract.fl_model import ParamsType
+
+        if params_type == ParamsType.DIFF:
+            # The product of two differences is not the difference of the products.
+            raise FedllmError(
+                f"RunningWeightedAverage lora_aggregation='product_svd': site {site!r} sent params_type=DIFF; "
+                "it needs the full LoRA factors"
+            )
+        pairs: dict[str, tuple[str, str]] = {}
+        for name in params:
+            match = _LORA_KEY.match(name)
+            if match is None:
+                continue
+            partner = _partner(match)
+            if partner not in params:
+                raise FedllmError(
+                    f"RunningWeightedAverage lora_aggregation='product_svd': site {site!r} sent {name!r} "
+                    f"without {partner!r}"
+                )
+            pairs[_module_key(match)] = (name, partner) if match["side"] == "A" else (partner, name)
+        for module, (a_name, b_name) in pairs.items():
+            self._pairs.setdefault(module, (a_name, b_name))
+            self._module_of[a_name] = self._module_of[b_name] = module
+        return pairs
+
+    def _add_product(self, module: str, a, b, weight: float) -> None:
+        a_name, b_name = self._pairs[module]
+        a64, b64 = _float64_numpy(a), _float64_numpy(b)
+        if a64.ndim != 2 or b64.ndim != 2 or b64.shape[1] != a64.shape[0]:
+            raise FedllmError(
+                f"RunningWeightedAverage lora_aggregation='product_svd': {a_name!r} has shape {tuple(a64.shape)} "
+                f"and {b_name!r} {tuple(b64.shape)}; expected [r, in] and [out, r]"
+            )
+        product = b64 @ a64
+        total = self._products.get(module)
+        if total is None:
+            np.multiply(product, weight, out=product)
+            self._products[module] = product
+            self._product_weights[module] = weight
+            return
+        if total.shape != product.shape:
+            raise FedllmError(
+                f"RunningWeightedAverage: {b_name!r}·{a_name!r} has shape {product.shape} from a site, "
+                f"{total.shape} from earlier sites; all sites must send the same model"
+            )
+        np.multiply(product, weight, out=product)
+        np.add(total, product, out=total)
+        self._product_weights[module] += weight
+
+    def _add_deferred_pair(self, module: str) -> None:
+        """Read one LoRA pair from every offloaded update, sites in name order, and sum it."""
+        a_name, b_name = self._pairs[module]
+        for site in sorted(self._deferred):
+            weight, update = self._deferred[site]
+            if a_name not in update:
+                continue  # this site did not send the module (or it was read already)
+            a, b = update.pop(a_name), update.pop(b_name)
+            a = a.materialize() if _is_on_disk(a) else a
+            b = b.materialize() if _is_on_disk(b) else b
+            self._add_product(module, a, b, weight)
+            self._add(a_name, a, weight)
+            self._add(b_name, b, weight)
+
+    def _finish_products(self, params: dict) -> dict:
+        """Replace each module's averaged A and B in ``params`` by the SVD factors of its
+        mean product; return the round's diagnostic."""
+        factor_error2 = svd_error2 = norm2 = 0.0
+        for module in sorted(self._products):
+            a_name, b_name = self._pairs[module]
+            weight = self._product_weights[module]
+            if weight == 0:
+                raise FedllmError(f"RunningWeightedAverage: parameter {a_name!r} got total weight 0 from {self._sites}")
+            mean_product = self._products.pop(module)
+            np.divide(mean_product, weight, out=mean_product)
+            mean_a = _float64_numpy(self._sums.pop(a_name)) / self._weights[a_name]
+            mean_b = _float64_numpy(self._sums.pop(b_name)) / self._weights[b_name]
+            rank = mean_a.shape[0]
+            new_b, new_a, dropped2 = _balanced_truncated_svd(mean_product, rank)
+            norm2 += float(np.sum(mean_product * mean_product))
+            factor_error2 += float(np.sum(np.square(mean_b @ mean_a - mean_product)))
+            svd_error2 += dropped2
+            params[a_name] = _to_sent(new_a, self._dtypes[a_name])
+            params[b_name] = _to_sent(new_b, self._dtypes[b_name])
+        scale = np.sqrt(norm2)
+        return {
+            "method": "product_svd",
+            "modules": len(self._pairs),
+            "factor_error": float(np.sqrt(factor_error2) / scale) if scale > 0 else 0.0,
+            "svd_error": float(np.sqrt(svd_error2) / scale) if scale > 0 else 0.0,
+        }
 
     def _deferred_names(self) -> list[str]:
         names: dict[str, None] = {}  # ordered: the first site's parameter order
@@ -174,6 +321,53 @@ class RunningWeightedAverage(ModelAggregator):
             )
         _add_scaled_(total, value, weight)
         self._weights[name] += weight
+
+
+def _partner(match: re.Match) -> str:
+    other = "B" if match["side"] == "A" else "A"
+    return f"{match['module']}.lora_{match['emb'] or ''}{other}.{match['adapter']}{match['suffix'] or ''}"
+
+
+def _module_key(match: re.Match) -> str:
+    return f"{match['module']}.lora_{match['emb'] or ''}*.{match['adapter']}"
+
+
+def _float64_numpy(value) -> np.ndarray:
+    if _is_torch(value):
+        import torch
+
+        return value.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _to_sent(value: np.ndarray, dtype):
+    """``value`` as a tensor of the kind and dtype the sites sent."""
+    if type(dtype).__module__.startswith("torch"):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(value)).to(dtype)
+    return value.astype(dtype)
+
+
+def _balanced_truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(B', A', ||matrix − B'A'||²): the best rank-``rank`` approximation, split evenly.
+
+    B' = U_r·sqrt(S_r) [out, rank], A' = sqrt(S_r)·V_rᵀ [rank, in]. Each column of U_r is
+    flipped so its largest-magnitude entry (the first, on ties) is positive: LAPACK may
+    return either sign, and the global model must not depend on which. Where the matrix
+    has fewer than ``rank`` singular values, the extra rows of A' and columns of B' are 0.
+    """
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    k = min(rank, s.shape[0])
+    u, s_r, vt = u[:, :k], s[:k], vt[:k]
+    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(k)])
+    signs[signs == 0] = 1.0
+    root = np.sqrt(s_r)
+    new_b = np.zeros((matrix.shape[0], rank))
+    new_a = np.zeros((rank, matrix.shape[1]))
+    new_b[:, :k] = u * (signs * root)
+    new_a[:k] = (signs * root)[:, None] * vt
+    return new_b, new_a, float(np.sum(np.square(s[k:])))
 
 
 def _site_name(model: FLModel) -> str:

@@ -112,6 +112,9 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
     The global model's loss on the combined validation set at round r is the
     token-weighted mean of every site's validation of it on its own val split
     (the combined set is exactly their union), so no site's data leaves it.
+    With ``federation.lora_aggregation=product_svd`` it also holds ``lora_aggregation``:
+    one ``{"round", "factor_error", "svd_error"}`` per round (the server's ``lora_aggregation``
+    events; see ``fedllm.federation.aggregation``).
     """
     run_dir = Path(run_dir)
     server = events.read_events(run_dir / "events" / "server.jsonl")
@@ -160,6 +163,10 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
     site_curves = {
         site: [[e["step"], e["loss"]] for e in evs if e["event"] == "validate"] for site, evs in per_site.items()
     }
+    # lora_aggregation=product_svd: the server's per-round diagnostic (the last per round on resume).
+    lora = {int(e["round"]): {k: e.get(k) for k in ("round", "factor_error", "svd_error")}
+            for e in server if e["event"] == "lora_aggregation"}
+    extra = {"lora_aggregation": [lora[r] for r in sorted(lora)]} if lora else {}
     return {
         "kind": "federated",
         "val_loss_curve": curve,
@@ -172,6 +179,7 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
         "train_tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else None,
         "site_curves": site_curves,
         "steps_per_round": steps_per_round,
+        **extra,
     }
 
 

@@ -92,7 +92,7 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         # Offloaded updates summed at the end of the round in site order; in-memory ones
         # into one running sum as they arrive, each freed as it is added. Either way the
         # global model does not depend on the order sites report in (fedllm.federation.aggregation).
-        aggregator=RunningWeightedAverage(),
+        aggregator=RunningWeightedAverage(lora_aggregation=cfg.federation.lora_aggregation),
         key_metric="val_loss",
         key_metric_mode="min",
     )

@@ -9,6 +9,8 @@ aggregation, with a small ``meta.json`` (round, bytes, time) and a
 folder to the run's store when one is given (``fedllm.artifacts``). It also
 keeps the best global model by the sites' validation loss, and on a resumed
 job starts from a persisted round's weights, checked against its manifest.
+With ``federation.lora_aggregation=product_svd`` each round also gets a
+``lora_aggregation`` event (round, factor_error, svd_error) from the aggregator's meta.
 """
 
 from __future__ import annotations
@@ -138,4 +140,11 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
             from fedllm.store import open_store
 
             open_store(self.store).put_dir(folder, round_key(completed), meta=meta)
+        # The aggregator's LoRA diagnostic rides in the aggregated model's meta, which
+        # NVFlare's FedAvg hands to the persistor with the weights.
+        lora = (ml.get(ModelLearnableKey.META) or {}).get("lora_aggregation")
+        if isinstance(lora, dict):
+            events.emit("lora_aggregation", file=self.events_file or None, site="server", round=completed,
+                        method=lora.get("method"), modules=lora.get("modules"),
+                        factor_error=lora.get("factor_error"), svd_error=lora.get("svd_error"))
         events.emit("global_model", file=self.events_file or None, site="server", round=completed, bytes=nbytes)
