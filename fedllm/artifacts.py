@@ -166,16 +166,19 @@ def _step_folders(run: Path, what: str) -> list[str]:
     if what == "prepared":
         return ["data", "models/base"]
     if what == "fedavg":
-        return ["settings", "models/fedavg", "events"]
+        return ["settings", "models/fedavg", "events", "tasks"]
+    if what.startswith("setting:fedavg:"):  # a federated variant lives in a run dir of its own
+        variant = "variants/" + what[len("setting:"):].replace(":", "-")
+        return ["settings", f"{variant}/models/fedavg", f"{variant}/events", f"{variant}/tasks"]
     if what.startswith("setting:"):
         name = what[len("setting:"):].replace(":", "-")
-        return ["settings", f"models/{name}", "events"]
+        return ["settings", f"models/{name}", "events", "tasks"]
     if what == "base":
-        return ["settings"]
+        return ["settings", "tasks"]
     if what == "evals":
         return ["evals"]
     if what == "summary":
-        return ["settings", "evals", "events"]
+        return ["settings", "evals", "events", "tasks"]
     if what == "report":
         return ["report"]
     raise FedllmError(

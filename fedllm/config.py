@@ -173,23 +173,53 @@ class FederationConfig:
     weighting: Literal["samples", "steps", "uniform"] = "samples"
     quantization: Optional[Literal["fp16", "blockwise8", "float4", "normfloat4"]] = None
     threads: Optional[int] = None
+    # How the server combines the sites' LoRA adapters: ``factors`` averages A and B
+    # separately (plain FedAvg); ``product_svd`` averages the sites' updates B·A exactly
+    # and factors the mean back into rank-r A and B by SVD (fedllm.federation.aggregation).
+    lora_aggregation: Literal["factors", "product_svd"] = "factors"
 
 
 @dataclass
 class BaselinesConfig:
+    """The settings trained beside the federation, on the same budget.
+
+    ``lora_aggregations``: more FedAvg settings, one per LoRA aggregation listed (other
+    than ``federation.lora_aggregation``), run side by side as ``fedavg:<aggregation>``.
+    """
+
     site_alone: bool = True
     centralized: bool = True
+    lora_aggregations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TaskMetricConfig:
+    """The fine-tuning task's own metric, scored on every setting's model.
+
+    ``label_choice``: for each row of the pooled ``split`` of every site, the answer
+    among ``choices`` (default: the distinct answers of the training data, e.g.
+    PhraseBank's negative / neutral / positive) with the highest log-likelihood after
+    the row's prompt; reported as accuracy and macro-F1 over the choices, after every
+    round (FedAvg) or its step-budget equivalent (each site alone, centralized).
+    """
+
+    metric: Optional[Literal["label_choice"]] = None
+    split: Literal["test", "val"] = "test"
+    choices: Optional[list[str]] = None
+    batch_size: int = 32
 
 
 @dataclass
 class EvaluationConfig:
-    """Zero-shot lm-eval benchmark of every setting (see fedllm.evaluate)."""
+    """Zero-shot lm-eval benchmark of every setting (see fedllm.evaluate), and the
+    task's own metric (``task``)."""
 
     enabled: bool = True
     tasks: list[str] = field(default_factory=lambda: ["hellaswag", "piqa", "winogrande"])
     limit: Optional[int] = None
     batch_size: str = "auto"
     task_data_dir: Optional[str] = None
+    task: TaskMetricConfig = field(default_factory=TaskMetricConfig)
 
 
 @dataclass
@@ -391,6 +421,15 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise FedllmError(f"config field 'training.lr': must be > 0, got {t.lr}")
     if len(t.adam_betas) != 2:
         raise FedllmError(f"config field 'training.adam_betas': expected two numbers, got {t.adam_betas}")
+    for i, aggregation in enumerate(cfg.baselines.lora_aggregations):
+        allowed = typing.get_args(typing.get_type_hints(FederationConfig)["lora_aggregation"])
+        if aggregation not in allowed:
+            raise FedllmError(
+                f"config field 'baselines.lora_aggregations[{i}]': {aggregation!r} is not allowed; "
+                f"allowed values: {', '.join(allowed)}"
+            )
+        if cfg.method.name != "lora":
+            raise FedllmError(f"config field 'baselines.lora_aggregations': needs method.name lora, got {cfg.method.name!r}")
     if cfg.federation.rounds < 1:
         raise FedllmError(f"config field 'federation.rounds': must be ≥ 1, got {cfg.federation.rounds}")
     return cfg

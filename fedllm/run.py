@@ -49,7 +49,9 @@ def describe_model(cfg: ExperimentConfig, base_dir: Path) -> dict:
             f"tokenizer trained on this run's data"
         )
     else:
-        text = cfg.model.source
+        from fedllm.train.gguf import is_gguf_source
+
+        text = cfg.model.source + (" (GGUF, dequantized to fp32)" if is_gguf_source(cfg.model.source) else "")
     return {
         "source": cfg.model.source,
         "description": text,
@@ -109,19 +111,61 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Path, ExperimentConfig]:
     return run, load_config(run / "config.yaml")
 
 
-def run_federation(run_dir: str | os.PathLike, resume: bool = False, store: Optional[str] = None) -> dict:
+def run_federation(run_dir: str | os.PathLike, resume: bool = False, store: Optional[str] = None,
+                   setting: str = "fedavg") -> dict:
     """FedAvg (see fedllm.federation.federate); ``resume`` continues from the last
-    persisted round, or returns the finished result if there is one."""
+    persisted round, or returns the finished result if there is one.
+
+    ``setting`` ``fedavg:<aggregation>`` runs one of ``baselines.lora_aggregations``:
+    the same federation with that LoRA aggregation, in a run dir of its own under
+    ``variants/`` (its data and base model linked from this run's), so its rounds,
+    events and models never mix with the main federation's.
+    """
     from fedllm.federation.federate import federate
 
     run, cfg = load_run(run_dir)
     store = store_uri_of(store)
-    if resume and setting_file(run, "fedavg").is_file():
-        return json.loads(setting_file(run, "fedavg").read_text())
-    result = federate(cfg, run, resume=resume, store=store)
-    write_json_atomic(setting_file(run, "fedavg"), result)
-    publish(run, store, "fedavg")
+    if resume and setting_file(run, setting).is_file():
+        return json.loads(setting_file(run, setting).read_text())
+    if setting == "fedavg":
+        result = federate(cfg, run, resume=resume, store=store)
+    else:
+        variant_dir, variant_cfg = prepare_variant(run, cfg, setting)
+        result = federate(variant_cfg, variant_dir, resume=resume)
+        result["variant"] = variant_cfg.federation.lora_aggregation
+        if "task" in result:  # its predictions file, as seen from this run dir
+            result["task"]["predictions"] = str((variant_dir / result["task"]["predictions"]).relative_to(run))
+    write_json_atomic(setting_file(run, setting), result)
+    publish(run, store, setting if setting == "fedavg" else f"setting:{setting}")
     return result
+
+
+def variant_settings(cfg: ExperimentConfig) -> list[str]:
+    """The FedAvg settings run beside ``fedavg``: ``fedavg:<aggregation>`` for each of
+    ``baselines.lora_aggregations`` other than the federation's own."""
+    return [f"fedavg:{a}" for a in cfg.baselines.lora_aggregations if a != cfg.federation.lora_aggregation]
+
+
+def prepare_variant(run: Path, cfg: ExperimentConfig, setting: str) -> tuple[Path, ExperimentConfig]:
+    """The run dir of a ``fedavg:<aggregation>`` setting, made on first use: this run's
+    config with that aggregation, its data and base model linked (no bytes copied)."""
+    import copy
+
+    from fedllm.train.model import link_or_copy_dir
+
+    if setting not in variant_settings(cfg):
+        raise FedllmError(f"unknown setting {setting!r}; the config's variants: {', '.join(variant_settings(cfg)) or 'none'}")
+    variant_cfg = copy.deepcopy(cfg)
+    variant_cfg.federation.lora_aggregation = setting.split(":", 1)[1]
+    variant_cfg.name = f"{cfg.name}-{variant_cfg.federation.lora_aggregation}"
+    variant_dir = run / "variants" / setting.replace(":", "-")
+    if not (variant_dir / "model.json").is_file() or load_config(variant_dir / "config.yaml").fingerprint() != variant_cfg.fingerprint():
+        variant_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(variant_cfg, variant_dir / "config.yaml")
+        link_or_copy_dir(run / "data", variant_dir / "data")
+        link_or_copy_dir(run / "models" / "base", variant_dir / "models" / "base")
+        write_json_atomic(variant_dir / "model.json", json.loads((run / "model.json").read_text()))
+    return variant_dir, variant_cfg
 
 
 def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = False, store: Optional[str] = None) -> dict:
@@ -129,9 +173,13 @@ def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = Fals
     site's pooled training data. Both get the budget one site gets over all
     FedAvg rounds and are scored on the combined validation set."""
     from fedllm.data import load_partitions
+    from fedllm.evaluate.task_metric import make_scorer, record_task
+    from fedllm.train.model import load_tokenizer
     from fedllm.train.site import train_alone
 
     run, cfg = load_run(run_dir)
+    if setting.startswith("fedavg:"):  # a federated variant: what the pipeline's train step also runs
+        return run_federation(run, setting=setting, store=store)
     parts = load_partitions(run / "data")
     if setting == "centralized":
         train = parts.pooled_train()
@@ -150,7 +198,11 @@ def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = Fals
         rounds_budget=cfg.federation.rounds,
         events_file=str(run / "events" / f"{setting.replace(':', '-')}.jsonl"),
         progress=progress,
+        scorer=make_scorer(cfg, parts, load_tokenizer(run / "models" / "base")),
     )
+    scores = result.pop("task_scores", None)
+    if scores:
+        result["task"] = record_task(cfg, run, setting, scores["curve"], scores["final"])
     result["kind"] = "centralized" if setting == "centralized" else "site"
     if setting.startswith("site:"):
         result["site"] = setting[5:]
@@ -162,16 +214,24 @@ def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = Fals
 def score_base(run_dir: str | os.PathLike, store: Optional[str] = None) -> dict:
     """The base model before any training, on the combined validation set."""
     from fedllm.data import load_partitions
+    from fedllm.evaluate.task_metric import make_scorer, record_task
     from fedllm.train.model import load_tokenizer
     from fedllm.train.module import CausalLMModule
-    from fedllm.train.site import evaluate_loss
+    from fedllm.train.site import autocast_dtype, evaluate_loss, set_threads
 
     run, cfg = load_run(run_dir)
+    set_threads(cfg)
     base = run / "models" / "base"
     module = CausalLMModule(str(base), "sft")
     module.site_name = "base"
-    loss = evaluate_loss(cfg, module, load_tokenizer(base), load_partitions(run / "data").combined_val())
+    tokenizer, parts = load_tokenizer(base), load_partitions(run / "data")
+    loss = evaluate_loss(cfg, module, tokenizer, parts.combined_val())
     result = {"kind": "base", "model_dir": str(base), "adapter_dir": None, "val_loss": loss}
+    scorer = make_scorer(cfg, parts, tokenizer)
+    if scorer is not None:
+        final = scorer.score(module.model, autocast_dtype=autocast_dtype(cfg))
+        curve = [{"round": 0, "step": 0, "accuracy": final["accuracy"], "macro_f1": final["macro_f1"]}]
+        result["task"] = record_task(cfg, run, "base", curve, final)
     write_json_atomic(setting_file(run, "base"), result)
     publish(run, store_uri_of(store), "base")
     return result
@@ -215,7 +275,7 @@ def evaluate_setting(run_dir: str | os.PathLike, setting: str, store: Optional[s
 def settings_of(run: Path, cfg: ExperimentConfig) -> list[str]:
     from fedllm.data import load_partitions
 
-    names = ["base", "fedavg"]
+    names = ["base", "fedavg", *variant_settings(cfg)]
     if cfg.baselines.site_alone:
         names += [f"site:{s}" for s in load_partitions(run / "data").sites]
     if cfg.baselines.centralized:
@@ -290,6 +350,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | os.PathLike, progress: 
     if not (resume and setting_file(run, "base").is_file()):
         score_base(run, store=store)
     run_federation(run, resume=resume, store=store)
+    for name in variant_settings(cfg):
+        run_federation(run, resume=resume, store=store, setting=name)
     for name in settings_of(run, cfg):
         if name.startswith("site:") or name == "centralized":
             if not (resume and setting_file(run, name).is_file()):

@@ -38,6 +38,28 @@ def _events_to_this_stdout():
         os.environ.pop(events.QUIET_ENV, None)
 
 
+@contextlib.contextmanager
+def _site_threads(concurrent_sites: int):
+    """Share this machine's cores among the simulator's sites, which train at once.
+
+    Each site's training process would otherwise take torch's default, every core:
+    three such processes on two cores ran about 3x slower together than the cores
+    allowed. The share goes to the site processes through ``$FEDLLM_SITE_THREADS``
+    (fedllm.train.site.set_threads); ``training.num_threads`` still wins.
+    """
+    from fedllm.train.site import SITE_THREADS_ENV
+
+    if os.environ.get(SITE_THREADS_ENV):
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ[SITE_THREADS_ENV] = str(max(1, cores // max(concurrent_sites, 1)))
+    try:
+        yield
+    finally:
+        os.environ.pop(SITE_THREADS_ENV, None)
+
+
 def stop_processes_mentioning(*markers: str) -> int:
     """Kill every process (but this one) whose command line contains one of ``markers``;
     wait up to 10 s for them to end. Returns how many there were."""
@@ -98,7 +120,8 @@ def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]
     started = time.perf_counter()
     log = workspace / "simulator-console.log"
     try:
-        with open(log, "w") as console, contextlib.redirect_stderr(console), _events_to_this_stdout():
+        with open(log, "w") as console, contextlib.redirect_stderr(console), _events_to_this_stdout(), \
+                _site_threads(len(sites) if not cfg.federation.threads else min(cfg.federation.threads, len(sites))):
             recipe.run(env)
     except (RuntimeError, ValueError) as e:
         server_log = workspace / job_name(cfg) / "server" / "simulate_job" / "log.txt"
@@ -250,9 +273,11 @@ def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: 
     from fedllm import artifacts
     from fedllm.data import load_partitions
     from fedllm.train.model import load_tokenizer
-    from fedllm.train.site import evaluate_loss, steps_per_round
+    from fedllm.evaluate.task_metric import make_scorer, record_task
+    from fedllm.train.site import autocast_dtype, evaluate_loss, set_threads, steps_per_round
 
     run_dir = Path(run_dir).resolve()
+    set_threads(cfg)
     parts = load_partitions(run_dir / "data")
     checkpoints = run_dir / "federation" / "rounds"
     last = final_round(run_dir, cfg.federation.rounds)
@@ -275,6 +300,17 @@ def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: 
     artifacts.record_best(store, checkpoints, last, final_loss, cfg.fingerprint())
     summary["best_round"] = artifacts.best_of(store, checkpoints)["round"]
     summary["rounds"][-1]["val_loss"] = final_loss
+    scorer = make_scorer(cfg, parts, tokenizer)
+    if scorer is not None:
+        # The global model of every round, scored on the pooled test rows: the
+        # persisted rounds are loaded into the same module one after the other,
+        # ending with the last (the one exported below).
+        curve, final = [], None
+        for r in range(1, last + 1):
+            module.load_state_dict(load_round(checkpoints, r))
+            final = scorer.score(module.model, autocast_dtype=autocast_dtype(cfg))
+            curve.append({"round": r, "step": r * max(spr.values()), "accuracy": final["accuracy"], "macro_f1": final["macro_f1"]})
+        summary["task"] = record_task(cfg, run_dir, "fedavg", curve, final)
     summary["job_seconds"] = seconds
     summary["steps"] = last * max(spr.values())
     summary.update(module.export(str(run_dir / "models" / "fedavg"), tokenizer=tokenizer))

@@ -32,6 +32,34 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*(LeafSpec|is_gradient_checkpointing|does not have many workers|limit_val_batches).*")
 
 PRECISION_DTYPE = {"32-true": "float32", "bf16-mixed": "float32", "16-mixed": "float32", "bf16-true": "bfloat16"}
+#: variable the simulator sets for its sites: torch threads each site process may use
+SITE_THREADS_ENV = "FEDLLM_SITE_THREADS"
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast
+    trains and scores faster than fp32; elsewhere it is emulated, and slower."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def effective_precision(cfg: ExperimentConfig) -> str:
+    """The Lightning precision this machine trains with: the config's on a GPU; on a
+    CPU, bf16 only where the CPU has it, fp16 never (CPU autocast has no fp16 path
+    worth taking), fp32 otherwise."""
+    precision = cfg.training.precision
+    if torch.cuda.is_available() or precision == "32-true":
+        return precision
+    if precision.startswith("bf16") and cpu_supports_bf16():
+        return precision
+    return "32-true"
+
+
+def autocast_dtype(cfg: ExperimentConfig):
+    """The dtype scoring runs under autocast with (None: plain fp32), matching training."""
+    return torch.bfloat16 if effective_precision(cfg).startswith("bf16") else (
+        torch.float16 if effective_precision(cfg) == "16-mixed" else None)
 
 
 class SiteDataModule(pl.LightningDataModule):
@@ -107,7 +135,7 @@ def make_trainer(cfg: ExperimentConfig, max_steps: int, val_every: Optional[int]
         max_epochs=-1,
         accelerator="auto",
         devices=1,
-        precision=t.precision if torch.cuda.is_available() or t.precision == "32-true" else "32-true",
+        precision=effective_precision(cfg),
         gradient_clip_val=t.grad_clip or None,
         accumulate_grad_batches=t.grad_accumulation,
         logger=False,
@@ -125,8 +153,43 @@ def make_trainer(cfg: ExperimentConfig, max_steps: int, val_every: Optional[int]
 
 
 def set_threads(cfg: ExperimentConfig) -> None:
-    if cfg.training.num_threads:
-        torch.set_num_threads(cfg.training.num_threads)
+    """torch's intra-op threads: ``training.num_threads``, else what the simulator
+    allots each site (``$FEDLLM_SITE_THREADS``: its sites share this machine's cores,
+    and processes that each take every core run several times slower together than
+    apart), else torch's default (all cores)."""
+    threads = cfg.training.num_threads or int(os.environ.get(SITE_THREADS_ENV, "0") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class TaskCurve(pl.Callback):
+    """The task metric of the model being trained every ``steps_per_round`` optimizer
+    steps (the points where a FedAvg round would end), and after the last step."""
+
+    def __init__(self, scorer, steps_per_round: int, dtype=None):
+        self.scorer, self.steps_per_round, self.dtype = scorer, steps_per_round, dtype
+        self.curve: list[dict] = []
+        self.last: Optional[dict] = None
+
+    def score(self, pl_module, step: int) -> None:
+        if self.curve and self.curve[-1]["step"] == step:
+            return
+        result = self.scorer.score(pl_module.model, autocast_dtype=self.dtype)
+        self.curve.append({"round": math.ceil(step / self.steps_per_round), "step": step,
+                           "accuracy": result["accuracy"], "macro_f1": result["macro_f1"]})
+        self.last = result
+        events.emit("task_metric", file=pl_module.events_file, site=pl_module.site_name, step=step,
+                    accuracy=result["accuracy"], macro_f1=result["macro_f1"])
+
+    # Scored as the next batch starts, before the module starts its batch clock: the
+    # scoring time does not count as training time (tokens/s stays the training speed).
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        if step and step % self.steps_per_round == 0:
+            self.score(pl_module, step)
+
+    def on_train_end(self, trainer, pl_module):
+        self.score(pl_module, trainer.global_step)
 
 
 class CurveRecorder(pl.Callback):
@@ -154,10 +217,14 @@ def train_alone(
     rounds_budget: int,
     events_file: Optional[str] = None,
     progress: bool = False,
+    scorer=None,
 ) -> dict:
     """Train one non-federated setting (a site alone, or centralized) with the
     same budget one site gets over all FedAvg rounds; validate on the combined
     validation set every ``training.val_check_steps``; export the final model.
+
+    ``scorer`` (a fedllm.evaluate.task_metric scorer): the task metric after every
+    round's worth of steps, as ``result["task_scores"]`` = ``{"curve", "final"}``.
 
     Returns the setting's summary entry (see summary.json in the README).
     """
@@ -171,6 +238,10 @@ def train_alone(
     recorder = CurveRecorder()
     trainer = make_trainer(cfg, total, val_every=cfg.training.val_check_steps, progress=progress)
     trainer.callbacks.append(recorder)
+    task_curve = None
+    if scorer is not None:
+        task_curve = TaskCurve(scorer, steps_per_round(cfg, data.num_train_examples), autocast_dtype(cfg))
+        trainer.callbacks.append(task_curve)
     events.emit("setting_start", file=events_file, site=setting, steps=total, train_examples=len(train))
     started = time.perf_counter()
     trainer.validate(module, datamodule=data, verbose=False)
@@ -189,6 +260,8 @@ def train_alone(
         "train_examples": len(train),
         **exported,
     }
+    if task_curve is not None:
+        result["task_scores"] = {"curve": task_curve.curve, "final": task_curve.last}
     events.emit("setting_end", file=events_file, site=setting, step=trainer.global_step, loss=result["val_loss"], tokens_per_s=result["train_tokens_per_s"])
     return result
 
