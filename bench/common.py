@@ -25,9 +25,9 @@ import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
-# The benchmarks' experiment: the demo (tiny llama, real Dolly/OASST1/medical rows), with
+# The benchmarks' experiment: the tiny demo (tiny llama, real Dolly/OASST1/medical rows), with
 # fewer rows and no lm-eval. Real data from ../shared/data unless $FEDLLM_DATA_DIR says.
 BENCH_OVERRIDES = [
     "data.sources.0.max_records=200",
@@ -42,13 +42,13 @@ BENCH_OVERRIDES = [
 
 
 def bench_config(overrides: list[str] = ()):
-    """The benchmarks' ExperimentConfig: ``configs/demo.yaml`` + BENCH_OVERRIDES + ``overrides``."""
+    """The benchmarks' ExperimentConfig: ``configs/tiny.yaml`` + BENCH_OVERRIDES + ``overrides``."""
     from fedllm.config import load_config
 
     os.environ.setdefault("FEDLLM_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return load_config(DEMO_CONFIG, BENCH_OVERRIDES + list(overrides))
+    return load_config(TINY_CONFIG, BENCH_OVERRIDES + list(overrides))
 
 
 def device_name() -> str:

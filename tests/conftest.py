@@ -14,14 +14,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"  # the pipeline on a tiny random model: seconds
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"  # `make run`: SmolLM2-135M-Instruct, minutes
 
 os.environ.setdefault("FEDLLM_DATA_DIR", str(SHARED_DATA))
 os.environ.setdefault("FEDLLM_EVAL_DATA_DIR", str(SHARED_DATA))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The demo, shrunk to seconds: few records, tiny steps, no lm-eval.
+# The tiny demo, shrunk to seconds: few records, tiny steps, no lm-eval.
 TINY_RUN = [
     "data.sources.0.max_records=80",
     "data.sources.1.max_records=80",

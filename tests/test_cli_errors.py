@@ -4,13 +4,13 @@ exit, and no run dir that looks complete (no summary.json)."""
 import json
 
 
-from conftest import DEMO_CONFIG, TINY_RUN
+from conftest import TINY_CONFIG, TINY_RUN
 from fedllm.cli import main
 
 
 def run_cli(capsys, tmp_path, *overrides):
     out = tmp_path / "run"
-    code = main(["run", str(DEMO_CONFIG), "--out", str(out), "--no-progress", *sum((["--set", o] for o in TINY_RUN + list(overrides)), [])])
+    code = main(["run", str(TINY_CONFIG), "--out", str(out), "--no-progress", *sum((["--set", o] for o in TINY_RUN + list(overrides)), [])])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err, out
 

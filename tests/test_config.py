@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import DEMO_CONFIG, REPO
+from conftest import TINY_CONFIG, REPO
 from fedllm.config import load_config
 from fedllm.errors import FedllmError
 
@@ -14,7 +14,7 @@ def test_shipped_configs_load():
 
 
 def test_overrides_set_nested_fields_and_list_items():
-    cfg = load_config(DEMO_CONFIG, ["federation.rounds=7", "training.lr=1e-5", "data.sources.1.max_records=9", "method.name=lora"])
+    cfg = load_config(TINY_CONFIG, ["federation.rounds=7", "training.lr=1e-5", "data.sources.1.max_records=9", "method.name=lora"])
     assert cfg.federation.rounds == 7
     assert cfg.training.lr == pytest.approx(1e-5)
     assert cfg.data.sources[1].max_records == 9
@@ -35,9 +35,9 @@ def test_overrides_set_nested_fields_and_list_items():
 )
 def test_invalid_fields_are_named(override, message):
     with pytest.raises(FedllmError) as e:
-        load_config(DEMO_CONFIG, override)
+        load_config(TINY_CONFIG, override)
     assert message in str(e.value)
-    assert str(DEMO_CONFIG) in str(e.value)
+    assert str(TINY_CONFIG) in str(e.value)
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
@@ -60,7 +60,7 @@ def test_peft_parameter_typo_is_named():
 
 
 def test_fingerprint_changes_with_any_field():
-    a = load_config(DEMO_CONFIG)
-    b = load_config(DEMO_CONFIG, ["seed=1"])
+    a = load_config(TINY_CONFIG)
+    b = load_config(TINY_CONFIG, ["seed=1"])
     assert a.fingerprint() != b.fingerprint()
-    assert a.fingerprint() == load_config(DEMO_CONFIG).fingerprint()
+    assert a.fingerprint() == load_config(TINY_CONFIG).fingerprint()

@@ -3,7 +3,7 @@ the combined validation set is lower than that of every site trained alone."""
 
 import json
 
-from conftest import DEMO_CONFIG
+from conftest import TINY_CONFIG
 from fedllm.config import load_config
 from fedllm.run import run_experiment
 
@@ -24,7 +24,7 @@ SMALL_RUN = [
 
 
 def test_fedavg_beats_every_site_alone(tmp_path):
-    cfg = load_config(DEMO_CONFIG, SMALL_RUN)
+    cfg = load_config(TINY_CONFIG, SMALL_RUN)
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
     settings = summary["settings"]
     sites = {name: s["val_loss"] for name, s in settings.items() if name.startswith("site:")}

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import DEMO_CONFIG, TINY_RUN
+from conftest import TINY_CONFIG, TINY_RUN
 from fedllm.config import load_config
 from fedllm.run import prepare_run, run_federation
 
@@ -14,7 +14,7 @@ from fedllm.run import prepare_run, run_federation
 @pytest.mark.parametrize("method", ["sft", "lora", "ptuning", "prompt_tuning", "ia3"])
 def test_two_round_federation(method, tmp_path):
     two_sites = "data.sources=[{name: dolly, format: dolly, path: dolly_15k, max_records: 80}, {name: medical, format: medical_meadow, path: medical_meadow/medical_meadow_small.json, max_records: 80}]"
-    cfg = load_config(DEMO_CONFIG, TINY_RUN + [two_sites, f"method.name={method}", "federation.rounds=2"])
+    cfg = load_config(TINY_CONFIG, TINY_RUN + [two_sites, f"method.name={method}", "federation.rounds=2"])
     run = prepare_run(cfg, tmp_path / "run")
     result = run_federation(run)
     model = json.loads((run / "model.json").read_text())

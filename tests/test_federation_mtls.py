@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO_CONFIG, TINY_RUN
+from conftest import TINY_CONFIG, TINY_RUN
 from fedllm.config import load_config
 from fedllm.data import load_partitions
 from fedllm.deploy.provision import provision
@@ -155,7 +155,7 @@ def test_federation_trains_over_mtls_and_refuses_a_foreign_kit(federation):
 
         # A tiny fedllm LoRA job on real data, as `fedllm federate` builds it; both sites
         # and the server read the prepared run dir (one machine here, a volume on K8s).
-        cfg = load_config(DEMO_CONFIG, TINY_RUN + [
+        cfg = load_config(TINY_CONFIG, TINY_RUN + [
             "method.name=lora",
             f"federation.rounds={ROUNDS}",
             "data.sources=[{name: dolly, format: dolly, path: dolly_15k, max_records: 120}]",

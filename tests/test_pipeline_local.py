@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_CONFIG, TINY_RUN
+from conftest import TINY_CONFIG, TINY_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def pipeline_run(tmp_path_factory, shared_data):
     from fedllm.pipeline.local_run import run_local
 
     root = tmp_path_factory.mktemp("pipeline-root")
-    return run_local(DEMO_CONFIG, TINY_DEMO, root), root
+    return run_local(TINY_CONFIG, TINY_DEMO, root), root
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def cli_run(tmp_path_factory, shared_data):
     from fedllm.cli import main
 
     out = tmp_path_factory.mktemp("cli-run")
-    args = ["run", str(DEMO_CONFIG), "--out", str(out), "--no-progress"]
+    args = ["run", str(TINY_CONFIG), "--out", str(out), "--no-progress"]
     for item in TINY_DEMO:
         args += ["--set", item]
     assert main(args) == 0

@@ -62,14 +62,14 @@ def test_submit_mode_runs_the_job_on_the_federation_and_reads_the_result_back(fe
                                                                                monkeypatch):
     from fedllm.config import load_config
     from fedllm.pipeline.submit_job import SITE_PYTHON_ENV, site_python
-    from conftest import DEMO_CONFIG
+    from conftest import TINY_CONFIG
 
     assert site_python() == "python3"  # the fedllm image's interpreter
     # this federation's sites are local processes of this environment
     monkeypatch.setenv(SITE_PYTHON_ENV, sys.executable)
 
     admin_kit, procs = federation
-    prepared = prepare_run(load_config(DEMO_CONFIG, TINY_LORA), tmp_path / "prepared")
+    prepared = prepare_run(load_config(TINY_CONFIG, TINY_LORA), tmp_path / "prepared")
     model_out = tmp_path / "artifacts" / "model"
 
     result = federate_step(str(prepared), str(model_out), mode="submit", admin_kit=str(admin_kit),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import DEMO_CONFIG, TINY_RUN
+from conftest import TINY_CONFIG, TINY_RUN
 from fedllm.config import load_config
 from fedllm.errors import FedllmError
 from fedllm.federation.persistor import load_round
@@ -48,7 +48,7 @@ def test_blockwise8_federation_stays_close_to_unquantized(tmp_path, shared_data)
         overrides = TINY_RUN + ["method.name=sft", "federation.rounds=2"]
         if mode != "none":
             overrides.append(f"federation.quantization={mode}")
-        run = prepare_run(load_config(DEMO_CONFIG, overrides), tmp_path / mode)
+        run = prepare_run(load_config(TINY_CONFIG, overrides), tmp_path / mode)
         result = run_federation(run)
         assert len(result["time_per_round_s"]) == 2
         finals[mode] = load_round(run / "federation" / "rounds", 2)

@@ -26,9 +26,9 @@ DATA_DIR = REPO.parent / "shared" / "data"
 
 
 def tiny_config(folder: Path, rounds: int = 3, **changes) -> Path:
-    """configs/demo.yaml cut down to 2 sites x ``rounds`` rounds x 2 steps, ~60 records per
+    """configs/tiny.yaml cut down to 2 sites x ``rounds`` rounds x 2 steps, ~60 records per
     source, a 1-layer model, no lm-eval; ``changes`` replace top-level sections' keys."""
-    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     cfg["data_dir"] = str(DATA_DIR)
     cfg["data"]["sources"] = [dict(s, max_records=60) for s in cfg["data"]["sources"][:2]]
     cfg["data"]["max_val_records_per_site"] = 8
