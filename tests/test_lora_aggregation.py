@@ -10,7 +10,7 @@ import torch
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from conftest import DEMO_CONFIG, REPO, TINY_RUN
+from conftest import TINY_CONFIG, REPO, TINY_RUN
 from fedllm.errors import FedllmError
 from fedllm.federation.aggregation import RunningWeightedAverage
 from test_tuning_aggregation import _offloaded
@@ -79,11 +79,12 @@ def test_product_svd_is_the_best_rank_r_approximation_of_the_mean_update():
         best = (u[:, :RANK] * s[:RANK]) @ vt[:RANK]  # Eckart–Young: the best rank-r approximation
         got = new_b.double().numpy() @ new_a.double().numpy()
         np.testing.assert_allclose(got, best, atol=1e-5)
-        # balanced: B'ᵀB' = A'A'ᵀ = S_r, both diagonal
-        np.testing.assert_allclose(new_b.double().T @ new_b.double(), np.diag(s[:RANK]), atol=1e-4)
-        np.testing.assert_allclose(new_a.double() @ new_a.double().T, np.diag(s[:RANK]), atol=1e-4)
-
         mean_a = _weighted_mean(updates, lambda p: p[a_key].double()).numpy()
+        # A keeps the averaged A's scale: orthogonal rows of its RMS row norm c; B = U·S/c
+        c2 = np.sum(mean_a ** 2) / RANK
+        np.testing.assert_allclose(new_a.double() @ new_a.double().T, c2 * np.eye(RANK), atol=1e-4)
+        np.testing.assert_allclose(new_b.double().T @ new_b.double(), np.diag(s[:RANK] ** 2 / c2), rtol=1e-4, atol=1e-6)
+
         mean_b = _weighted_mean(updates, lambda p: p[b_key].double()).numpy()
         factor2 += np.sum((mean_b @ mean_a - mean) ** 2)
         svd2 += np.sum(s[RANK:] ** 2)
@@ -206,8 +207,7 @@ def test_two_round_lora_federation_with_product_svd(tmp_path):
     two_sites = ("data.sources=[{name: dolly, format: dolly, path: dolly_15k, max_records: 80}, "
                  "{name: medical, format: medical_meadow, path: medical_meadow/medical_meadow_small.json, max_records: 80}]")
     overrides = [two_sites, "method.name=lora", "federation.rounds=2", "federation.lora_aggregation=product_svd"]
-    tiny = REPO / "configs" / "tiny.yaml"
-    cfg = load_config(tiny, overrides) if tiny.is_file() else load_config(DEMO_CONFIG, TINY_RUN + overrides)
+    cfg = load_config(TINY_CONFIG, TINY_RUN + overrides)
     run = prepare_run(cfg, tmp_path / "run")
     result = run_federation(run)
 
@@ -218,10 +218,12 @@ def test_two_round_lora_federation_with_product_svd(tmp_path):
         a, b = weights[a_key].double(), weights[a_key.replace(".lora_A.", ".lora_B.")].double()
         rank = a.shape[0]
         assert torch.linalg.matrix_rank(b @ a) <= rank
-        # the SVD's balanced factors: B'ᵀB' = A'A'ᵀ = diag(S), not what averaging A and B gives
+        # the SVD's factors: A's rows orthogonal and of one norm, B's columns orthogonal,
+        # not what averaging A and B gives
         gram = a @ a.T
-        torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), rtol=0, atol=1e-5)
-        torch.testing.assert_close(b.T @ b, gram, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(gram, gram[0, 0] * torch.eye(rank, dtype=gram.dtype), rtol=1e-4, atol=1e-6)
+        b_gram = b.T @ b
+        torch.testing.assert_close(b_gram, torch.diag(torch.diagonal(b_gram)), rtol=0, atol=1e-6)
 
     diagnostics = result["lora_aggregation"]
     assert [d["round"] for d in diagnostics] == [1, 2]

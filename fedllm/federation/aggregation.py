@@ -63,7 +63,7 @@ class RunningWeightedAverage(ModelAggregator):
         lora_aggregation: ``"factors"`` (default) averages LoRA's A and B like any other
             parameter. ``"product_svd"``: per adapted module, the result's B'·A' is the best
             rank-r approximation (r = ``lora_A.shape[0]``) of the weighted mean of the sites'
-            products B_i·A_i, computed in float64; B' = U_r·sqrt(S_r), A' = sqrt(S_r)·V_rᵀ, each
+            products B_i·A_i, computed in float64; A' = c·V_rᵀ (c: the averaged A's RMS row norm), B' = U_r·S_r/c, each
             column of U_r with a positive largest-magnitude entry. Every site must send A and
             B together (2-D, peft's names); the sites must send full weights, not differences.
 
@@ -265,7 +265,11 @@ class RunningWeightedAverage(ModelAggregator):
             mean_a = _float64_numpy(self._sums.pop(a_name)) / self._weights[a_name]
             mean_b = _float64_numpy(self._sums.pop(b_name)) / self._weights[b_name]
             rank = mean_a.shape[0]
-            new_b, new_a, dropped2 = _balanced_truncated_svd(mean_product, rank)
+            # A keeps the scale the sites trained it at (its rows' RMS norm): a split that
+            # shrinks both factors to sqrt(S) would slow the next round's learning, since
+            # each factor's gradient is proportional to the other.
+            a_row_norm = float(np.sqrt(np.sum(mean_a * mean_a) / rank))
+            new_b, new_a, dropped2 = _truncated_svd_factors(mean_product, rank, a_row_norm)
             norm2 += float(np.sum(mean_product * mean_product))
             factor_error2 += float(np.sum(np.square(mean_b @ mean_a - mean_product)))
             svd_error2 += dropped2
@@ -349,10 +353,11 @@ def _to_sent(value: np.ndarray, dtype):
     return value.astype(dtype)
 
 
-def _balanced_truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """(B', A', ||matrix − B'A'||²): the best rank-``rank`` approximation, split evenly.
+def _truncated_svd_factors(matrix: np.ndarray, rank: int, a_row_norm: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(B', A', ||matrix − B'A'||²): the best rank-``rank`` approximation of ``matrix``.
 
-    B' = U_r·sqrt(S_r) [out, rank], A' = sqrt(S_r)·V_rᵀ [rank, in]. Each column of U_r is
+    A' = c·V_rᵀ [rank, in] (orthogonal rows of norm c = ``a_row_norm``), B' = U_r·S_r / c
+    [out, rank]; with c = 0 the split is even (sqrt(S_r) each). Each column of U_r is
     flipped so its largest-magnitude entry (the first, on ties) is positive: LAPACK may
     return either sign, and the global model must not depend on which. Where the matrix
     has fewer than ``rank`` singular values, the extra rows of A' and columns of B' are 0.
@@ -362,11 +367,12 @@ def _balanced_truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, 
     u, s_r, vt = u[:, :k], s[:k], vt[:k]
     signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(k)])
     signs[signs == 0] = 1.0
-    root = np.sqrt(s_r)
+    a_scale = np.full(k, a_row_norm) if a_row_norm > 0 else np.sqrt(s_r)
+    b_scale = np.divide(s_r, a_scale, out=np.zeros_like(s_r), where=a_scale > 0)
     new_b = np.zeros((matrix.shape[0], rank))
     new_a = np.zeros((rank, matrix.shape[1]))
-    new_b[:, :k] = u * (signs * root)
-    new_a[:k] = (signs * root)[:, None] * vt
+    new_b[:, :k] = u * (signs * b_scale)
+    new_a[:k] = (signs * a_scale)[:, None] * vt
     return new_b, new_a, float(np.sum(np.square(s[k:])))
 
 
