@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from fedllm.data.prompts import format_example, get_template
 from fedllm.data.records import Example
 from fedllm.errors import FedllmError
+from fedllm.train.module import decoder_and_head
 
 
 def accuracy(gold: Sequence[int], predicted: Sequence[int]) -> float:
@@ -150,11 +151,10 @@ class LabelChoiceScorer:
     def _hidden(self, model, device, batch: list[list[int]]):
         """Right-padded ``batch`` through ``model``: ``(hidden or log-probs, head)``.
 
-        The vocabulary projection is most of a small model's compute (SmolLM2: 49k × 576
-        per position), so where the model allows it only the decoder runs here and the
-        caller projects just the positions it scores: ``head`` is the output layer. A
-        prompt-learning adapter prepends virtual tokens inside peft's own forward, so
-        such a model runs whole and ``head`` is None (log-probs of the real positions).
+        Where the model allows it (fedllm.train.module.decoder_and_head) only the decoder
+        runs here and the caller projects just the positions it scores: ``head`` is the
+        output layer. Otherwise the model runs whole and ``head`` is None (log-probs of
+        the real positions).
         """
         import torch
 
@@ -165,11 +165,11 @@ class LabelChoiceScorer:
             input_ids[i, :len(s)] = torch.tensor(s)
             attention[i, :len(s)] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder, head = getattr(base, "get_decoder", lambda: None)(), base.get_output_embeddings()
-        if getattr(getattr(model, "peft_config", {}).get("default"), "is_prompt_learning", False) or decoder is None or head is None:
+        split = decoder_and_head(model)
+        if split is None:
             logits = model(input_ids=input_ids, attention_mask=attention).logits
             return logits[:, -width:].float().log_softmax(-1), None
+        decoder, head = split
         return decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state, head
 
     @staticmethod

@@ -27,24 +27,59 @@ from fedllm.train.model import load_causal_lm
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+#: model families whose causal-LM forward is exactly ``output_layer(decoder(inputs))``: no
+#: logit scaling or soft-capping after the head, so the head may run on chosen positions only
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neo", "gpt_neox", "phi3", "starcoder2"})
+
+
+def decoder_and_head(model):
+    """``(decoder, output layer)`` of an HF causal LM (or a peft model wrapping one with
+    LoRA / IA3), when its logits are just the output layer applied to the decoder's last
+    hidden states; else ``None``.
+
+    The vocabulary projection is a large part of a small model's compute (SmolLM2:
+    49k x 576 per position) and answer-only loss scores a few positions per row, so
+    callers that need logits at a few positions run the decoder and project only those.
+    Prompt-learning adapters prepend virtual tokens inside peft's own forward: ``None``.
+    """
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
 def token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the labelled tokens, and their count.
 
-    Prompt-learning PEFT models prepend virtual tokens to the sequence; their
-    logits are dropped so positions line up with the real tokens.
+    Where the model allows (:func:`decoder_and_head`) only the labelled positions go
+    through the output layer; the result equals the full forward's. Prompt-learning PEFT
+    models prepend virtual tokens to the sequence; their logits are dropped so positions
+    line up with the real tokens.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
-    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"])
-    logits = out.logits
-    if logits.shape[1] > input_ids.shape[1]:
-        logits = logits[:, -input_ids.shape[1]:]
-    shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    loss_sum = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    count = (shift_labels != -100).sum()
-    return loss_sum, count
+    labelled = shift_labels != -100
+    split = decoder_and_head(model)
+    if split is not None:
+        decoder, head = split
+        hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state
+        shift_logits = head(hidden[:, :-1][labelled]).float()
+        targets = shift_labels[labelled]
+    else:
+        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"])
+        logits = out.logits
+        if logits.shape[1] > input_ids.shape[1]:
+            logits = logits[:, -input_ids.shape[1]:]
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        targets = shift_labels.reshape(-1)
+    loss_sum = torch.nn.functional.cross_entropy(shift_logits, targets, ignore_index=-100, reduction="sum")
+    return loss_sum, labelled.sum()
 
 
 def tensor_bytes(state: dict) -> int:
