@@ -100,7 +100,12 @@ def cmd_bundle(args) -> int:
         if not sep or not key:
             raise FedllmError(f"--meta {item!r}: expected KEY=VALUE, e.g. --meta source=hf:org/name")
         meta[key] = value
-    manifest = bundle(args.local_path, args.uri, meta)
+    local_path = args.local_path
+    if local_path.startswith("pkg://"):  # a GGUF file inside an installed Python package
+        from fedllm.train.gguf import locate_gguf
+
+        local_path = locate_gguf(local_path)
+    manifest = bundle(local_path, args.uri, meta)
     print(f"bundled {len(manifest['files'])} files ({manifest['total_bytes']} bytes) to {redact(args.uri)}")
     return 0
 
@@ -124,6 +129,7 @@ def cmd_evaluate(args) -> int:
         task_data=args.task_data,
         output=args.output,
         source=args.source,
+        dtype=args.dtype,
     )
     for name, m in result["metrics"].items():
         err = f" ± {m['stderr']:.3f}" if m.get("stderr") is not None else ""
@@ -211,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="PEFT adapter dir or s3:// copy (LoRA, IA3, p-tuning, prompt tuning)")
     p.add_argument("--tasks", default="hellaswag,piqa,winogrande", help="comma-separated task names")
     p.add_argument("--limit", type=int, help="score only the first N documents of each task")
-    p.add_argument("--batch-size", default="auto", help="an integer or 'auto'")
+    p.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's probe on a GPU, 16 on a CPU)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="weights' dtype; auto: bf16 on a CPU with native bf16, else the model's")
     p.add_argument("--task-data", help="folder or s3:// prefix with piqa/, winogrande/, hellaswag/ (default: $FEDLLM_EVAL_DATA_DIR)")
     p.add_argument("--source", default="offline", choices=["offline", "hub"], help="offline task data, or lm-eval's hub datasets")
     p.add_argument("--output", help="write the results JSON here")
@@ -241,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bundle", help="upload a local model, data set or eval task folder to a store URI, with a manifest")
-    p.add_argument("local_path", help="a folder (HF model dir, data set, eval task data) or one file")
+    p.add_argument("local_path", help="a folder (HF model dir, data set, eval task data), one file, or a GGUF file "
+                                      "inside an installed Python package: pkg://<package>/<file>.gguf")
     p.add_argument("uri", help="where it goes, e.g. s3://models/tiny-llama")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="recorded in the manifest (repeatable)")
     p.set_defaults(func=cmd_bundle)
