@@ -39,6 +39,7 @@ def setting_file(run_dir: Path, setting: str) -> Path:
 
 
 def describe_model(cfg: ExperimentConfig, base_dir: Path) -> dict:
+    from fedllm.train.methods import get_method
     from fedllm.train.module import CausalLMModule
 
     probe = CausalLMModule(str(base_dir), cfg.method.name, cfg.method.params)
@@ -55,7 +56,8 @@ def describe_model(cfg: ExperimentConfig, base_dir: Path) -> dict:
     return {
         "source": cfg.model.source,
         "description": text,
-        "parameters": probe.num_parameters,
+        # The base model's own parameters: a PEFT method's adapter is counted as trainable only.
+        "parameters": probe.num_parameters - (probe.num_exchanged_parameters if get_method(cfg.method.name).is_peft else 0),
         "trainable_parameters": probe.num_exchanged_parameters,
     }
 
