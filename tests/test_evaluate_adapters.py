@@ -69,7 +69,8 @@ def per_document_loglikelihoods(model_dir, adapter_dir, tmp_path) -> tuple[list[
     """What ``evaluate_model`` runs (its model loader and tasks), with lm-eval's per-document log."""
     import lm_eval
 
-    lm = load_model_for_eval(model_dir, adapter_dir, batch_size=4, device="cpu")
+    # fp32: the hand computation below is fp32 (bf16 weights would differ by more than 1e-4)
+    lm = load_model_for_eval(model_dir, adapter_dir, batch_size=4, device="cpu", dtype="float32")
     task_manager, _ = make_task_manager("offline", DATA, ("piqa",), tmp_path, LIMIT)
     results = lm_eval.simple_evaluate(model=lm, tasks=["piqa"], task_manager=task_manager, limit=LIMIT, log_samples=True)
     return [[resp[0] for resp in sample["filtered_resps"]] for sample in results["samples"]["piqa"]], results

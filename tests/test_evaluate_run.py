@@ -15,6 +15,7 @@ from s3server import BUCKET, s3_server  # noqa: F401 (fixture)
 from fedllm.config import TinyModelSpec
 from fedllm.errors import FedllmError
 from fedllm.evaluate import TASK_NAMES, evaluate_model
+from fedllm.evaluate.model import CPU_BATCH_SIZE, cpu_has_native_bf16, hflm_settings, resolve_batch_size, resolve_dtype
 from fedllm.evaluate.tasks import piqa, winogrande, write_task_folder
 
 DATA = Path("/work/shared/data")
@@ -56,9 +57,10 @@ def test_evaluate_model_agrees_exactly_with_a_direct_lm_eval_call(tiny_model, lo
     output = tmp_path / "eval" / "global.json"
     result = evaluate_model(tiny_model, lora_adapter, limit=LIMIT, batch_size=8, task_data=DATA, device="cpu", output=output)
 
+    # lm-eval given the dtype fedllm chose (bf16 on a CPU with native bf16) and its settings
     direct = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(tiny_model), "peft": str(lora_adapter)},
+        model_args={"pretrained": str(tiny_model), "peft": str(lora_adapter), **hflm_settings(result["dtype"])},
         tasks=list(TASK_NAMES),
         task_manager=TaskManager(include_path=str(write_task_folder(DATA, tmp_path / "tasks")), include_defaults=False),
         limit=LIMIT,
@@ -83,6 +85,42 @@ def test_evaluate_model_agrees_exactly_with_a_direct_lm_eval_call(tiny_model, lo
     assert result["seconds"] > 0
     assert json.loads(output.read_text()) == result
     assert [p.name for p in output.parent.iterdir()] == ["global.json"]  # no temporary file left behind
+
+
+def test_cpu_defaults_are_a_fixed_batch_and_native_bf16_scored_as_lm_eval_scores_them(tiny_model, tmp_path):
+    """On a CPU, "auto" is batch 16 (not lm-eval's probe) and bf16 where the CPU multiplies
+    it natively; lm-eval's own hf model given those settings scores the same to the last digit."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    result = evaluate_model(tiny_model, tasks=("piqa", "winogrande"), limit=LIMIT, task_data=DATA, device="cpu")
+    expected_dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert result["batch_size"] == "auto" and result["batch_size_used"] == CPU_BATCH_SIZE == 16
+    assert result["dtype"] == expected_dtype
+
+    direct = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(tiny_model), **hflm_settings(expected_dtype)},
+        tasks=["piqa", "winogrande"],
+        task_manager=TaskManager(include_path=str(write_task_folder(DATA, tmp_path / "tasks")), include_defaults=False),
+        limit=LIMIT,
+        batch_size=16,
+        device="cpu",
+    )["results"]
+    assert result["metrics"]["piqa/acc"]["value"] == direct["piqa"]["acc,none"]
+    assert result["metrics"]["piqa/acc_norm"]["value"] == direct["piqa"]["acc_norm,none"]
+    assert result["metrics"]["winogrande/acc"]["value"] == direct["winogrande"]["acc,none"]
+
+    fp32 = evaluate_model(tiny_model, tasks=("winogrande",), limit=3, batch_size=2, task_data=DATA, device="cpu", dtype="float32")
+    assert fp32["dtype"] == "float32" and fp32["batch_size_used"] == 2
+
+
+def test_gpu_keeps_lm_evals_probe_and_the_models_dtype():
+    assert resolve_batch_size("auto", "cuda") == "auto" and resolve_batch_size("auto", "cuda:1") == "auto"
+    assert resolve_batch_size(8, "cuda") == 8 and resolve_batch_size(8, "cpu") == 8
+    assert resolve_dtype("auto", "cuda") == "auto" and resolve_dtype("float32", "cpu") == "float32"
+    assert hflm_settings("bfloat16") == {"dtype": "bfloat16", "softmax_dtype": "float32"}
+    assert hflm_settings("float32") == {"dtype": "float32"}
 
 
 def test_only_the_tasks_asked_for_are_reported_with_data_from_the_environment(tiny_model, monkeypatch):
@@ -151,6 +189,7 @@ def test_missing_task_data_says_where_to_put_it(tiny_model, tmp_path, monkeypatc
         ({"limit": 0}, r"evaluation limit 0: expected a positive number"),
         ({"limit": 0.5}, r"evaluation limit 0.5: expected a positive number"),
         ({"batch_size": "large"}, r"evaluation batch size 'large': expected 'auto' or a positive integer"),
+        ({"dtype": "half"}, r"evaluation dtype 'half': expected one of auto, float32, bfloat16, float16"),
         ({"source": "web"}, r"evaluation source 'web': expected one of offline, hub"),
         ({"source": "hub"}, r"task data .*: only used with source 'offline'"),
     ],

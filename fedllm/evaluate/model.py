@@ -119,18 +119,93 @@ def _hflm_classes():
     return HFLM, PromptLearningHFLM
 
 
-def load_model_for_eval(model_path: str | os.PathLike, adapter_path: str | os.PathLike | None = None, batch_size="auto", device: Optional[str] = None):
-    """lm-eval's ``hf`` model (an ``HFLM``) for ``model_path`` with ``adapter_path`` applied.
+#: the batch size fedllm scores with on a CPU. lm-eval's ``"auto"`` probe is for GPU memory:
+#: on a CPU nothing runs out, so it always settles on its upper bound (64) after five forward
+#: passes of 64 copies of the longest request, which on SmolLM2-135M cost as much as scoring
+#: all 300 documents of the three tasks; batches of 64 then pad and hold 64 x length x vocab
+#: logits. In a forward-pass sweep on SmolLM2-135M (batch 1, 4, 8, 16), 16 read the most
+#: tokens/s: 5-7x batch 1 (bench/README.md, "Evaluation").
+CPU_BATCH_SIZE = 16
+#: dtype names accepted by :func:`load_model_for_eval` (``"auto"``: see :func:`resolve_dtype`)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-    ``device`` defaults to ``cuda`` when available, else ``cpu``; ``batch_size`` is an
-    int or ``"auto"`` (lm-eval probes the largest batch that fits, up to 64).
+
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16).
+
+    oneDNN also runs bf16 on plain AVX-512 by converting to fp32, slower than fp32 itself,
+    so ``torch.backends.mkldnn`` saying bf16 works is not enough; these are torch's own
+    cpuinfo checks (private, hence the fallback to False where a build lacks them).
     """
     import torch
 
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:
+        return False
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``device``, or ``cuda`` when available, else ``cpu``."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_batch_size(batch_size, device: str):
+    """The batch size lm-eval is handed: ``"auto"`` on a CPU is :data:`CPU_BATCH_SIZE`
+    (lm-eval's probe only measures GPU memory); on a GPU, and any integer, as given."""
+    if batch_size == "auto" and not str(device).startswith("cuda"):
+        return CPU_BATCH_SIZE
+    return batch_size
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The weights' dtype: ``"auto"`` is ``bfloat16`` on a CPU with native bf16
+    (:func:`cpu_has_native_bf16`), else the model's own (lm-eval's ``"auto"``); a name as given.
+
+    On SmolLM2-135M, 100 documents each of HellaSwag, PIQA and WinoGrande, bf16 against
+    fp32 moves HellaSwag acc by +1 document and WinoGrande acc by -1, the other metrics not
+    at all; one standard error is ~5 documents (bench/README.md, "Evaluation").
+    """
+    if dtype not in DTYPES:
+        raise FedllmError(f"evaluation dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype == "auto" and not str(device).startswith("cuda") and cpu_has_native_bf16():
+        return "bfloat16"
+    return dtype
+
+
+def hflm_settings(dtype: str) -> dict:
+    """The ``HFLM`` arguments for weights of ``dtype``: with 16-bit weights the log-softmax
+    over the vocabulary, and so each continuation's summed log-likelihood, is taken in
+    fp32 (lm-eval's ``softmax_dtype``) instead of rounding every log-prob to 8 bits."""
+    settings = {"dtype": dtype}
+    if dtype in ("bfloat16", "float16"):
+        settings["softmax_dtype"] = "float32"
+    return settings
+
+
+def load_model_for_eval(
+    model_path: str | os.PathLike,
+    adapter_path: str | os.PathLike | None = None,
+    batch_size="auto",
+    device: Optional[str] = None,
+    dtype: str = "auto",
+):
+    """lm-eval's ``hf`` model (an ``HFLM``) for ``model_path`` with ``adapter_path`` applied.
+
+    ``device`` defaults to ``cuda`` when available, else ``cpu``; ``batch_size`` is an
+    int or ``"auto"`` (handed to lm-eval as is: it probes the largest batch that fits, up
+    to 64; :func:`resolve_batch_size` is what ``evaluate_model`` hands it). ``dtype`` is
+    one of :data:`DTYPES`, resolved by :func:`resolve_dtype`; the model's ``dtype``
+    attribute says what it got. The same settings given to lm-eval's own
+    ``HFLM(pretrained=..., **hflm_settings(dtype))`` give the same scores.
+    """
     model_dir = check_model_dir(model_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     HFLM, PromptLearningHFLM = _hflm_classes()
-    kwargs = dict(pretrained=str(model_dir), device=device, batch_size=batch_size, dtype="auto")
+    kwargs = dict(pretrained=str(model_dir), device=device, batch_size=batch_size, **hflm_settings(resolve_dtype(dtype, device)))
     if adapter_path is None:
         return HFLM(**kwargs)
     adapter_dir = Path(adapter_path)

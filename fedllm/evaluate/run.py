@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fedllm.errors import FedllmError
-from fedllm.evaluate.model import load_model_for_eval
+from fedllm.evaluate.model import load_model_for_eval, resolve_batch_size, resolve_device, resolve_dtype
 from fedllm.evaluate.tasks import OFFLINE_TASKS, TASK_NAMES, check_task_names, lm_eval_task_dir, write_task_folder
 
 #: the lm-eval metrics reported per task (each task's YAML defines them)
@@ -40,6 +40,7 @@ def evaluate_model(
     device: Optional[str] = None,
     output: str | os.PathLike | None = None,
     source: str = "offline",
+    dtype: str = "auto",
 ) -> dict:
     """Score a model zero-shot on ``tasks`` and return (and write to ``output``) the summary.
 
@@ -51,7 +52,11 @@ def evaluate_model(
     folder) holding ``piqa/``, ``winogrande/``, ``hellaswag/`` as in
     ``/work/shared/data``; defaults to ``$FEDLLM_EVAL_DATA_DIR``. ``source="hub"``
     uses lm-eval's stock tasks, which download their rows from the Hugging Face hub.
-    ``device`` defaults to ``cuda`` when available, else ``cpu``.
+    ``device`` defaults to ``cuda`` when available, else ``cpu``. ``batch_size="auto"`` is
+    lm-eval's probe on a GPU and a fixed 16 on a CPU (``model.CPU_BATCH_SIZE``). ``dtype``
+    (``auto``, ``float32``, ``bfloat16``, ``float16``): ``auto`` is bf16 on a CPU that
+    multiplies bf16 natively, else the model's own (``model.resolve_dtype``). The scores are
+    those of lm-eval's own ``hf`` model given the same batch size and ``model.hflm_settings``.
 
     The result::
 
@@ -60,7 +65,8 @@ def evaluate_model(
                      "mean": {"value": plain mean of the above, "stderr": sqrt(sum(stderr^2)) / n}},
          "model": ..., "adapter": ..., "limit": ..., "n_docs": {"piqa": 200, ...},
          "seconds": ..., "tasks": [...], "source": ..., "task_data": ..., "device": ...,
-         "batch_size": ..., "lm_eval_version": ...}
+         "batch_size": as asked, "batch_size_used": what lm-eval got (an int, or "auto"),
+         "dtype": the weights' dtype ("float32", "bfloat16", ...), "lm_eval_version": ...}
 
     Only the tasks asked for appear, and the mean is over their metrics. A stderr is
     ``None`` where lm-eval gives none (a single document). ``output`` is written
@@ -73,6 +79,9 @@ def evaluate_model(
         tasks = [name.strip() for name in tasks.split(",") if name.strip()]
     tasks = check_task_names(tasks)
     check_request(limit, batch_size, source, task_data)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    batch_size_used = resolve_batch_size(batch_size, device)
     with tempfile.TemporaryDirectory(prefix="fedllm-eval-") as work:
         work = Path(work)
         task_manager, data_location = make_task_manager(source, task_data, tasks, work, limit)
@@ -81,7 +90,7 @@ def evaluate_model(
         built = task_manager.load(list(tasks))["tasks"]
         model_dir = local_copy(model_path, work / "model")
         adapter_dir = local_copy(adapter_path, work / "adapter") if adapter_path is not None else None
-        lm = load_model_for_eval(model_dir, adapter_dir, batch_size=batch_size, device=device)
+        lm = load_model_for_eval(model_dir, adapter_dir, batch_size=batch_size_used, device=device, dtype=dtype)
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=[built[name] for name in tasks],
@@ -102,6 +111,8 @@ def evaluate_model(
         "task_data": data_location,
         "device": str(lm.device),
         "batch_size": batch_size,
+        "batch_size_used": batch_size_used,
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
         "lm_eval_version": lm_eval.__version__,
     }
     if output is not None:
