@@ -15,7 +15,8 @@ from s3server import BUCKET, s3_server  # noqa: F401 (fixture)
 from fedllm.config import TinyModelSpec
 from fedllm.errors import FedllmError
 from fedllm.evaluate import TASK_NAMES, evaluate_model
-from fedllm.evaluate.model import CPU_BATCH_SIZE, cpu_has_native_bf16, hflm_settings, resolve_batch_size, resolve_dtype
+from fedllm.evaluate.model import CPU_BATCH_SIZE, hflm_settings, resolve_batch_size, resolve_dtype
+from fedllm.hardware import cpu_has_native_bf16
 from fedllm.evaluate.tasks import piqa, winogrande, write_task_folder
 
 DATA = Path("/work/shared/data")

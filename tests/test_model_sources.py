@@ -220,7 +220,7 @@ def assert_smollm2_run(run: Path, summary: dict, source: str) -> None:
     model = json.loads((run / "model.json").read_text())
     adapter = lora_adapter_bytes(run / "models" / "base")
     assert adapter == 1_843_200 and model["trainable_parameters"] * 4 == adapter
-    # model.json counts the model as the sites train it: the frozen base plus the adapter.
+    # model.json counts the base model; the adapter is the trainable (and exchanged) part.
     assert model["source"] == source and model["parameters"] == SMOLLM2_PARAMETERS
     fedavg = summary["settings"]["fedavg"]
     for site, rounds in fedavg["bytes_per_round"].items():

@@ -103,3 +103,36 @@ def test_the_kubeflow_ui_gets_metrics_per_model_and_the_report(pipeline_run):
     (markdown,) = root.rglob("report/report_markdown")
     assert html.read_text() == (run / "report" / "index.html").read_text()
     assert markdown.read_text() == (run / "report" / "report.md").read_text()
+
+
+def test_the_pipeline_runs_the_real_model_from_its_gguf_file(tmp_path, shared_data):
+    """The demo's GGUF source through every step, each a process handing over artifacts:
+    the partition step converts it, the others load the run's HF base folder; the run
+    dir keeps the contract, task metric and zero-shot scores included."""
+    from fedllm.errors import FedllmError
+    from fedllm.pipeline.local_run import run_local
+    from fedllm.train.gguf import SMOLLM2_SOURCE, locate_gguf
+    from conftest import DEMO_CONFIG
+
+    try:
+        locate_gguf(SMOLLM2_SOURCE)
+    except FedllmError as e:
+        pytest.skip(str(e))
+    small = ["data.sources.0.max_records=300", "data.partition.num_sites=2", "data.partition.min_site_records=30",
+             "training.steps_per_round=1", "training.micro_batch_size=2", "training.max_seq_length=64",
+             "data.max_val_records_per_site=8", "federation.rounds=1",
+             "evaluation.limit=3", "evaluation.tasks=[piqa]", "evaluation.batch_size='8'"]
+    run = run_local(DEMO_CONFIG, small, tmp_path / "root")
+    summary = json.loads((run / "summary.json").read_text())
+
+    assert summary["model"]["source"] == SMOLLM2_SOURCE and summary["model"]["parameters"] == 134_515_008
+    assert set(summary["settings"]) == {"base", "fedavg", "centralized", *(f"site:{s}" for s in summary["sites"])}
+    rows = None
+    for name, entry in summary["settings"].items():
+        assert {"val_loss", "model_dir", "task", "eval"} <= set(entry), name
+        assert set(entry["eval"]) == {"piqa/acc", "piqa/acc_norm", "mean"}, name
+        predictions = json.loads((run / entry["task"]["predictions"]).read_text())
+        rows = rows or predictions["origins"]
+        assert predictions["origins"] == rows and len(predictions["predicted"]) == entry["task"]["n"], name
+    assert {c["against"] for c in summary["comparisons"]} == set(summary["settings"]) - {"base", "fedavg"}
+    assert "quantization_config" not in json.loads((run / "models" / "base" / "config.json").read_text())

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from fedllm.errors import FedllmError
+from fedllm.hardware import cpu_has_native_bf16
 from fedllm.train.model import check_model_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -128,22 +129,6 @@ def _hflm_classes():
 CPU_BATCH_SIZE = 16
 #: dtype names accepted by :func:`load_model_for_eval` (``"auto"``: see :func:`resolve_dtype`)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16).
-
-    oneDNN also runs bf16 on plain AVX-512 by converting to fp32, slower than fp32 itself,
-    so ``torch.backends.mkldnn`` saying bf16 works is not enough; these are torch's own
-    cpuinfo checks (private, hence the fallback to False where a build lacks them).
-    """
-    import torch
-
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    try:
-        return any(check() for check in checks if check is not None)
-    except RuntimeError:
-        return False
 
 
 def resolve_device(device: Optional[str]) -> str:

@@ -21,6 +21,7 @@ from fedllm import events
 from fedllm.config import ExperimentConfig
 from fedllm.data.records import Example
 from fedllm.errors import FedllmError
+from fedllm.hardware import cpu_has_native_bf16
 from fedllm.train.dataset import PackedExamples, TokenizedExamples, make_loader
 from fedllm.train.model import load_tokenizer
 from fedllm.train.module import CausalLMModule
@@ -36,14 +37,6 @@ PRECISION_DTYPE = {"32-true": "float32", "bf16-mixed": "float32", "16-mixed": "f
 SITE_THREADS_ENV = "FEDLLM_SITE_THREADS"
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast
-    trains and scores faster than fp32; elsewhere it is emulated, and slower."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
 def effective_precision(cfg: ExperimentConfig) -> str:
     """The Lightning precision this machine trains with: the config's on a GPU; on a
     CPU, bf16 only where the CPU has it, fp16 never (CPU autocast has no fp16 path
@@ -51,7 +44,7 @@ def effective_precision(cfg: ExperimentConfig) -> str:
     precision = cfg.training.precision
     if torch.cuda.is_available() or precision == "32-true":
         return precision
-    if precision.startswith("bf16") and cpu_supports_bf16():
+    if precision.startswith("bf16") and cpu_has_native_bf16():
         return precision
     return "32-true"
 
