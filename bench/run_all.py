@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import b1_overhead, b2_bytes, b3_server_memory, b4_training_speed  # noqa: E402
+from bench import b1_overhead, b2_bytes, b3_server_memory, b4_training_speed, e2_phrasebank, eval_throughput  # noqa: E402
 from bench.common import device_name, print_table, write_result  # noqa: E402
 
 def on_model(main, model: str):
@@ -44,7 +44,8 @@ def on_model(main, model: str):
 
 
 BENCHMARKS = {"b1": b1_overhead.main, "b2": b2_bytes.main, "b3": b3_server_memory.main, "b4": b4_training_speed.main,
-              "b1_smollm2": on_model(b1_overhead.main, "smollm2"), "b4_smollm2": on_model(b4_training_speed.main, "smollm2")}
+              "b1_smollm2": on_model(b1_overhead.main, "smollm2"), "b4_smollm2": on_model(b4_training_speed.main, "smollm2"),
+              "eval": eval_throughput.main, "e2": e2_phrasebank.main}
 
 
 def summary_rows(result: dict) -> list[list]:
@@ -98,6 +99,24 @@ def summary_rows(result: dict) -> list[list]:
         for variant, value in b4["tokens_per_s"].items():
             if variant not in ("plain", "fedllm"):
                 rows.append(["B4", f"  {variant} / plain loop (SmolLM2-135M)", f"{value / b4['tokens_per_s']['plain']:.3f}", "", setup])
+    ev = result.get("eval") or {}
+    if "fedllm_over_lm_eval" in ev:
+        fed = ev["runs"]["fedllm"]
+        setup = f"{ev['model']}, {ev['limit_per_task']} docs x {len(ev['tasks'])} tasks, batch {fed['batch_size']}, {fed['dtype']}"
+        rows.append(["eval", "fedllm evaluate / lm-eval, same settings (wall)", f"{ev['fedllm_over_lm_eval']:.3f}", "<= 1", setup])
+        rows.append(["eval", "  scores identical to lm-eval's", str(ev["scores_identical"]), "True", setup])
+        if "fedllm_over_lm_eval_defaults" in ev:
+            rows.append(["eval", "fedllm evaluate / lm-eval defaults (wall)", f"{ev['fedllm_over_lm_eval_defaults']:.3f}", "<= 1", setup])
+    for run in (result.get("e2") or {}).get("runs", []):
+        s = run["settings"]
+        sites = sorted(k for k in s if k.startswith("site:"))
+        setup = f"SmolLM2-135M LoRA, PhraseBank Dirichlet alpha {run['alpha']:g}, 3 sites, {len(s['fedavg']['curve'])} rounds"
+        for key in [k for k in s if k == "fedavg" or k.startswith("fedavg:")]:
+            best = max(sites, key=lambda k: s[k]["accuracy"])
+            (vs_best,) = [c for c in run["comparisons"] if c["setting"] == key and c["against"] == best and c["metric"] == "accuracy"]
+            lo, hi = vs_best["ci95"]
+            rows.append(["E2", f"alpha {run['alpha']:g}: {key} acc − best site ({best}) [95% CI]",
+                         f"{vs_best['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]", "> 0", setup])
     for name in BENCHMARKS:
         if isinstance(result.get(name), dict) and "error" in result[name]:
             rows.append([name.upper(), "FAILED", result[name]["error"], "", ""])
