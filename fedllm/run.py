@@ -201,6 +201,8 @@ def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = Fals
         events_file=str(run / "events" / f"{setting.replace(':', '-')}.jsonl"),
         progress=progress,
         scorer=make_scorer(cfg, parts, load_tokenizer(run / "models" / "base")),
+        # Every baseline starts from the base model, scored on the same rows by score_base.
+        base_val_loss=json.loads(setting_file(run, "base").read_text())["val_loss"] if setting_file(run, "base").is_file() else None,
     )
     scores = result.pop("task_scores", None)
     if scores:

@@ -29,6 +29,13 @@ class Method:
     def is_prompt_learning(self) -> bool:
         return self.name in ("ptuning", "prompt_tuning")
 
+    @property
+    def starts_as_base(self) -> bool:
+        """Whether the model before its first step computes exactly what the base model
+        does: full weights as loaded, LoRA's B = 0, IA3's scales = 1. Prompt learning
+        prepends freshly initialised virtual tokens, so it does not."""
+        return not self.is_prompt_learning
+
 
 def _lora():
     from peft import LoraConfig

@@ -23,6 +23,7 @@ from fedllm.data.records import Example
 from fedllm.errors import FedllmError
 from fedllm.hardware import cpu_has_native_bf16
 from fedllm.train.dataset import PackedExamples, TokenizedExamples, make_loader
+from fedllm.train.methods import get_method
 from fedllm.train.model import load_tokenizer
 from fedllm.train.module import CausalLMModule
 
@@ -211,6 +212,7 @@ def train_alone(
     events_file: Optional[str] = None,
     progress: bool = False,
     scorer=None,
+    base_val_loss: Optional[float] = None,
 ) -> dict:
     """Train one non-federated setting (a site alone, or centralized) with the
     same budget one site gets over all FedAvg rounds; validate on the combined
@@ -218,6 +220,9 @@ def train_alone(
 
     ``scorer`` (a fedllm.evaluate.task_metric scorer): the task metric after every
     round's worth of steps, as ``result["task_scores"]`` = ``{"curve", "final"}``.
+    ``base_val_loss``: the base model's loss on ``combined_val``, when known; a method
+    that starts as the base model (``Method.starts_as_base``) then begins its curve with
+    it instead of validating the same model again.
 
     Returns the setting's summary entry (see summary.json in the README).
     """
@@ -237,7 +242,10 @@ def train_alone(
         trainer.callbacks.append(task_curve)
     events.emit("setting_start", file=events_file, site=setting, steps=total, train_examples=len(train))
     started = time.perf_counter()
-    trainer.validate(module, datamodule=data, verbose=False)
+    if base_val_loss is not None and get_method(cfg.method.name).starts_as_base:
+        recorder.curve.append([0, base_val_loss])
+    else:
+        trainer.validate(module, datamodule=data, verbose=False)
     trainer.fit(module, datamodule=data)
     if not recorder.curve or recorder.curve[-1][0] != trainer.global_step:
         trainer.validate(module, datamodule=data, verbose=False)
