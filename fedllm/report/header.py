@@ -32,6 +32,9 @@ def header_section(summary: dict, source: str) -> Section:
         facts.append(("Sites", ", ".join(str(s) for s in sites)))
     if summary.get("rounds") is not None:
         steps = summary.get("steps_per_round", "?")
+        if isinstance(steps, dict):  # per site: one number when they agree
+            counts = sorted(set(steps.values()))
+            steps = counts[0] if len(counts) == 1 else ", ".join(f"{site} {n}" for site, n in steps.items())
         facts.append(("Federation", f"{summary['rounds']} rounds × {steps} steps per site per round"))
 
     section = Section("Run", [Facts(facts)])
