@@ -265,13 +265,18 @@ def test_run_from_s3_copy_of_hf_folder(smollm2_folder, s3_bucket, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_from_s3_copy_of_gguf_file(smollm2_gguf, smollm2_folder, s3_bucket, tmp_path):
+def test_partition_from_s3_copy_of_gguf_file(smollm2_gguf, smollm2_folder, s3_bucket, tmp_path):
+    # The steps after partition read models/base whatever the source was (the three runs
+    # above): the partition step is what an s3:// GGUF source changes.
     from fedllm.store import bundle
 
     bundle(smollm2_gguf, f"s3://{BUCKET}/models/smollm2-gguf")
     source = f"s3://{BUCKET}/models/smollm2-gguf/{GGUF_NAME}"
-    run, summary = fedllm_run(tmp_path, source)
-    assert_smollm2_run(run, summary, source)
+    run = tmp_path / "run"
+    overrides = SMALL_DEMO + [f"model.source={source}"]
+    assert main(["partition", str(DEMO_CONFIG), "--out", str(run), *sum((["--set", o] for o in overrides), [])]) == 0
+    model = json.loads((run / "model.json").read_text())
+    assert model["source"] == source and model["parameters"] == SMOLLM2_PARAMETERS
     assert sha256(run / "models" / "base" / "model.safetensors") == sha256(smollm2_folder / "model.safetensors")
     assert not [p.name for p in (run / "models").iterdir() if p.name.startswith(".")]  # the download is gone
 
