@@ -115,13 +115,17 @@ def main(argv: list[str] | None = None) -> dict:
     alphas = args.alphas or [demo_alpha, *[a for a in SEED_ALPHAS if a != demo_alpha]]
     overrides = (QUICK if args.quick else []) + list(args.set)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedllm-e2-"))
+    results: list[dict] = []
+    payload = {"demo_alpha": demo_alpha, "overrides": overrides, "runs": results, "quick": args.quick}
     try:
-        results = [run_alpha(alpha, overrides, work) for alpha in alphas]
+        for alpha in alphas:
+            results.append(run_alpha(alpha, overrides, work))
+            write_result("e2", payload)  # each alpha's numbers as soon as they exist
+            print_table(HEADER, table_rows(results[-1:]))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print_table(HEADER, table_rows(results))
-    payload = {"demo_alpha": demo_alpha, "overrides": overrides, "runs": results, "quick": args.quick}
     print(f"[e2] wrote {write_result('e2', payload)}")
     return payload
 
