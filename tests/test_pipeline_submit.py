@@ -98,6 +98,40 @@ def test_submit_mode_runs_the_job_on_the_federation_and_reads_the_result_back(fe
     assert not list((tmp_path / "shared").iterdir()), "the shared run copy is removed after the step"
 
 
+def test_submit_mode_runs_the_real_model_from_its_gguf_file(federation, tmp_path, shared_data, capsys, monkeypatch):
+    """The demo's source, a GGUF file inside a Python package: the partition step converts
+    it, and the federation's server and sites load the run's HF base folder."""
+    from fedllm.config import load_config
+    from fedllm.errors import FedllmError
+    from fedllm.pipeline.submit_job import SITE_PYTHON_ENV
+    from fedllm.train.gguf import SMOLLM2_SOURCE, locate_gguf
+    from conftest import DEMO_CONFIG
+
+    try:
+        locate_gguf(SMOLLM2_SOURCE)
+    except FedllmError as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv(SITE_PYTHON_ENV, sys.executable)
+    admin_kit, _ = federation
+    # The Dirichlet split names its sites site-1, site-2: this federation's clients.
+    small = ["data.sources.0.max_records=300", "data.partition.num_sites=2", "data.partition.min_site_records=30",
+             "training.steps_per_round=1", "training.micro_batch_size=2", "training.max_seq_length=64",
+             "data.max_val_records_per_site=8", "federation.rounds=1", "evaluation.enabled=false"]
+    prepared = prepare_run(load_config(DEMO_CONFIG, small), tmp_path / "prepared")
+    model_out = tmp_path / "artifacts" / "model"
+
+    result = federate_step(str(prepared), str(model_out), mode="submit", admin_kit=str(admin_kit),
+                           shared_run_root=str(tmp_path / "shared"), timeout_s=600)
+
+    assert "FINISHED:COMPLETED" in capsys.readouterr().out
+    assert json.loads((model_out / "settings" / "fedavg.json").read_text()) == result
+    adapter_bytes = json.loads((prepared / "model.json").read_text())["trainable_parameters"] * 4
+    for site in SITES:
+        assert [r["sent"] for r in result["bytes_per_round"][site]] == [adapter_bytes], site
+    assert result["task"]["n"] > 0 and 0 <= result["task"]["accuracy"] <= 1
+    assert (model_out / result["task"]["predictions"]).is_file()
+
+
 class _RegisteringServer:
     """Answers ``check_status("client")`` as NVFlare's server does while sites come up:
     NoClientsAvailable before the first site registers, then the registered ones."""
