@@ -16,7 +16,7 @@ FILE_NAME = "val_loss_curves.png"
 
 # Sites take the qualitative colours; red and black are kept for FedAvg and centralized.
 _SITE_COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-_FEDERATED_COLOURS = ["tab:red", "darkred", "crimson"]
+_FEDERATED_COLOURS = ["tab:red", "darkred", "crimson", "salmon"]
 
 
 def curves_section(summary: dict, source: str) -> Section:
@@ -32,27 +32,11 @@ def curves_section(summary: dict, source: str) -> Section:
 
     figure = new_figure()
     axes = figure.add_subplot()
-    site_colours = iter(_SITE_COLOURS * 4)
-    federated_colours = iter(_FEDERATED_COLOURS * 4)
-    for key, setting in settings:
-        points = curves[key]
-        if key == "base" or setting.get("kind") == "base":
-            base_loss = number(setting.get("val_loss"), f"{source}: settings.{key}.val_loss")
-            if base_loss is not None:
-                axes.axhline(base_loss, color="grey", linestyle=":", linewidth=1.5,
-                             label=f"{display_name(key)} (untrained)")
-            continue
-        if not points:
-            continue
-        steps, losses = zip(*points)
-        if is_federated(key, setting):
-            axes.plot(steps, losses, drawstyle="steps-post", marker="o", markersize=6, linewidth=2.2,
-                      color=next(federated_colours), label=f"{display_name(key)} (global model per round)", zorder=3)
-        elif key == "centralized" or setting.get("kind") == "centralized":
-            axes.plot(steps, losses, color="black", linewidth=1.6, label=display_name(key))
-        else:
-            axes.plot(steps, losses, color=next(site_colours), linewidth=1.4, label=f"{display_name(key)} alone")
 
+    def base_loss(key: str, setting: dict, points: list):
+        return number(setting.get("val_loss"), f"{source}: settings.{key}.val_loss")
+
+    plot_setting_curves(axes, settings, curves, base_loss)
     axes.set_xlabel("optimizer steps per site")
     axes.set_ylabel("loss on the combined validation set")
     axes.set_title("Validation loss during training")
@@ -67,3 +51,28 @@ def curves_section(summary: dict, source: str) -> Section:
         )
     )
     return section
+
+
+def plot_setting_curves(axes, settings: list[tuple[str, dict]], points: dict, base_value) -> None:
+    """Every setting's ``points[key]`` (``(x, y)`` pairs) on ``axes``, in the report's one
+    style: each site alone a coloured line, centralized black, a federated setting steps
+    with a dot per round (its global model changes only at aggregation), and the base
+    model a dotted horizontal line at ``base_value(key, setting, points[key])``."""
+    site_colours = iter(_SITE_COLOURS * 4)
+    federated_colours = iter(_FEDERATED_COLOURS * 4)
+    for key, setting in settings:
+        if key == "base" or setting.get("kind") == "base":
+            value = base_value(key, setting, points[key])
+            if value is not None:
+                axes.axhline(value, color="grey", linestyle=":", linewidth=1.5, label=f"{display_name(key)} (untrained)")
+            continue
+        if not points[key]:
+            continue
+        xs, ys = zip(*points[key])
+        if is_federated(key, setting):
+            axes.plot(xs, ys, drawstyle="steps-post", marker="o", markersize=6, linewidth=2.2,
+                      color=next(federated_colours), label=f"{display_name(key)} (global model per round)", zorder=3)
+        elif key == "centralized" or setting.get("kind") == "centralized":
+            axes.plot(xs, ys, color="black", linewidth=1.6, label=display_name(key))
+        else:
+            axes.plot(xs, ys, color=next(site_colours), linewidth=1.4, label=f"{display_name(key)} alone")

@@ -14,15 +14,14 @@ from __future__ import annotations
 from fedllm.errors import FedllmError
 from fedllm.report.charts import new_figure, png_bytes
 from fedllm.report.document import Cell, Paragraph, Picture, Section, Table
-from fedllm.report.run_summary import display_name, is_federated, number, ordered_settings
+from fedllm.report.curves import plot_setting_curves
+from fedllm.report.run_summary import display_name, number, ordered_settings
 
 FILE_NAME = "task_curves.png"
 DECIMALS = 3
 MISSING = "–"
 NOT_RECORDED = "Task metric: not recorded in this run (set evaluation.task.metric: label_choice to score it)."
 
-_SITE_COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-_FEDERATED_COLOURS = ["tab:red", "darkred", "crimson", "salmon"]
 _METRICS = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 
 
@@ -98,36 +97,17 @@ def task_curves_section(summary: dict, source: str) -> Section:
     return section
 
 
-def _is_base(key: str, setting: dict) -> bool:
-    return key == "base" or setting.get("kind") == "base"
-
-
 def _chart(summary: dict, settings: list[tuple[str, dict]], curves: dict, source: str) -> Picture:
     figure = new_figure(width=10.0, height=4.8)
     axes_by_metric = figure.subplots(1, 2)
     for column, ((metric, label), axes) in enumerate(zip(_METRICS, axes_by_metric)):
-        site_colours = iter(_SITE_COLOURS * 4)
-        federated_colours = iter(_FEDERATED_COLOURS * 4)
-        for key, setting in settings:
-            points = [(r, p[column]) for r, *p in curves[key] if p[column] is not None]
-            if _is_base(key, setting):
-                value = task_value(setting, metric, f"{source}: settings.{key}")
-                value = points[-1][1] if value is None and points else value
-                if value is not None:
-                    axes.axhline(value, color="grey", linestyle=":", linewidth=1.5,
-                                 label=f"{display_name(key)} (untrained)")
-                continue
-            if not points:
-                continue
-            rounds, values = zip(*points)
-            if is_federated(key, setting):
-                axes.plot(rounds, values, drawstyle="steps-post", marker="o", markersize=6, linewidth=2.2,
-                          color=next(federated_colours), label=f"{display_name(key)} (global model per round)",
-                          zorder=3)
-            elif key == "centralized" or setting.get("kind") == "centralized":
-                axes.plot(rounds, values, color="black", linewidth=1.6, label=display_name(key))
-            else:
-                axes.plot(rounds, values, color=next(site_colours), linewidth=1.4, label=f"{display_name(key)} alone")
+        points = {key: [(r, p[column]) for r, *p in curves[key] if p[column] is not None] for key, _ in settings}
+
+        def base_value(key: str, setting: dict, base_points: list, metric=metric):
+            value = task_value(setting, metric, f"{source}: settings.{key}")
+            return base_points[-1][1] if value is None and base_points else value
+
+        plot_setting_curves(axes, settings, points, base_value)
         axes.set_xlabel("round (sites alone, centralized: the same step budget)")
         axes.set_ylabel(f"task {label}")
         axes.set_title(f"Task {label}")
@@ -138,8 +118,8 @@ def _chart(summary: dict, settings: list[tuple[str, dict]], curves: dict, source
     figure.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)) or 1, fontsize="small")
     return Picture(
         FILE_NAME,
-        f"Task accuracy and macro-F1 on {rows_description(summary)} after each round; round 0 is before "
-        "training. Lines: each site alone and centralized, after the optimizer steps one site makes in that "
+        f"Task accuracy and macro-F1 on {rows_description(summary)} after each round; the dotted line is "
+        "the base model before training. Lines: each site alone and centralized, after the optimizer steps one site makes in that "
         "many FedAvg rounds; steps with dots: the federated global model after each round.",
         png_bytes(figure),
     )
