@@ -233,6 +233,7 @@ def assert_smollm2_run(run: Path, summary: dict, source: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_run_from_gguf_inside_a_python_package(smollm2_gguf, smollm2_folder, tmp_path):
     run, summary = fedllm_run(tmp_path, SMOLLM2_SOURCE)
     assert_smollm2_run(run, summary, SMOLLM2_SOURCE)
@@ -243,6 +244,7 @@ def test_run_from_gguf_inside_a_python_package(smollm2_gguf, smollm2_folder, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_run_from_local_hf_folder(smollm2_folder, tmp_path):
     before = folder_digest(smollm2_folder)
     run, summary = fedllm_run(tmp_path, str(smollm2_folder))
@@ -253,6 +255,7 @@ def test_run_from_local_hf_folder(smollm2_folder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_run_from_s3_copy_of_hf_folder(smollm2_folder, s3_bucket, tmp_path):
     from fedllm.store import bundle
 

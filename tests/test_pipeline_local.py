@@ -105,6 +105,7 @@ def test_the_kubeflow_ui_gets_metrics_per_model_and_the_report(pipeline_run):
     assert markdown.read_text() == (run / "report" / "report.md").read_text()
 
 
+@pytest.mark.timeout(1800)
 def test_the_pipeline_runs_the_real_model_from_its_gguf_file(tmp_path, shared_data):
     """The demo's GGUF source through every step, each a process handing over artifacts:
     the partition step converts it, the others load the run's HF base folder; the run

@@ -98,6 +98,7 @@ def test_submit_mode_runs_the_job_on_the_federation_and_reads_the_result_back(fe
     assert not list((tmp_path / "shared").iterdir()), "the shared run copy is removed after the step"
 
 
+@pytest.mark.timeout(1800)
 def test_submit_mode_runs_the_real_model_from_its_gguf_file(federation, tmp_path, shared_data, capsys, monkeypatch):
     """The demo's source, a GGUF file inside a Python package: the partition step converts
     it, and the federation's server and sites load the run's HF base folder."""

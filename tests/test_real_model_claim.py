@@ -17,7 +17,9 @@ import pytest
 
 from conftest import DEMO_CONFIG
 
-pytestmark = pytest.mark.slow
+# The whole experiment runs in the module fixture, inside the first test's time limit:
+# about 10 minutes on 2 idle cores.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 REDUCED = [
     "evaluation.enabled=false",  # the zero-shot rows are the demo's other half; not the claim
