@@ -17,7 +17,7 @@ from fedllm.evaluate.model import load_model_for_eval
 from fedllm.evaluate.run import make_task_manager
 from fedllm.evaluate.tasks import piqa, winogrande
 
-DATA = Path("/work/shared/data")
+from conftest import SHARED_DATA as DATA  # the checkout's ../shared/data
 LIMIT = 10
 SPEC = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, vocab_size=1024)
 NUM_VIRTUAL_TOKENS = 8

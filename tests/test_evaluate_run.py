@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 from s3server import BUCKET, s3_server  # noqa: F401 (fixture)
@@ -19,7 +18,7 @@ from fedllm.evaluate.model import CPU_BATCH_SIZE, hflm_settings, resolve_batch_s
 from fedllm.hardware import cpu_has_native_bf16
 from fedllm.evaluate.tasks import piqa, winogrande, write_task_folder
 
-DATA = Path("/work/shared/data")
+from conftest import SHARED_DATA as DATA  # the checkout's ../shared/data
 LIMIT = 15
 
 

@@ -15,7 +15,7 @@ from fedllm.config import TinyModelSpec
 from fedllm.errors import FedllmError
 from fedllm.evaluate.tasks import OFFLINE_TASKS, TASK_NAMES, check_task_names, hellaswag, lm_eval_task_dir, piqa, winogrande, write_task_folder
 
-DATA = Path("/work/shared/data")
+from conftest import SHARED_DATA as DATA  # the checkout's ../shared/data
 LIMIT = 20
 
 

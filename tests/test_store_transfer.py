@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from s3server import BUCKET, s3_server  # noqa: F401 (fixture)
@@ -14,7 +13,7 @@ from fedllm.config import TinyModelSpec
 from fedllm.errors import FedllmError
 from fedllm.store import MANIFEST_NAME, ObjectNotFound, bundle, fetch_dir, fetch_path, open_store
 
-DATA = Path("/work/shared/data")
+from conftest import SHARED_DATA as DATA  # the checkout's ../shared/data
 PIQA = DATA / "piqa"
 DOLLY_TEST = DATA / "dolly_15k" / "global_test.json"
 

@@ -50,7 +50,7 @@ def evaluate_model(
     comma-separated string (``"piqa,winogrande"``). ``limit``: score only the
     first ``limit`` documents of each task. ``task_data``: the directory (or ``s3://``
     folder) holding ``piqa/``, ``winogrande/``, ``hellaswag/`` as in
-    ``/work/shared/data``; defaults to ``$FEDLLM_EVAL_DATA_DIR``. ``source="hub"``
+    the shared ``data/`` folder; defaults to ``$FEDLLM_EVAL_DATA_DIR``. ``source="hub"``
     uses lm-eval's stock tasks, which download their rows from the Hugging Face hub.
     ``device`` defaults to ``cuda`` when available, else ``cpu``. ``batch_size="auto"`` is
     lm-eval's probe on a GPU and a fixed 16 on a CPU (``model.CPU_BATCH_SIZE``). ``dtype``
@@ -153,7 +153,7 @@ def make_task_manager(source: str, task_data, tasks: Sequence[str], work: Path, 
     if not location:
         raise FedllmError(
             f"no task data: pass a directory or s3:// URI holding piqa/, winogrande/, hellaswag/ "
-            f"(as in /work/shared/data), set {DATA_DIR_VARIABLE}, or use source 'hub'"
+            f"(as in the shared data/ folder), set {DATA_DIR_VARIABLE}, or use source 'hub'"
         )
     data_dir = local_copy(location, work / "task-data")
     folder = write_task_folder(data_dir, work / "tasks", tasks, first_docs=limit)

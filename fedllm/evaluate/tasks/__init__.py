@@ -3,7 +3,7 @@
 Each offline task is lm-eval's stock task YAML, ``include``-d unchanged (prompt,
 choices, target, metrics, ``process_docs``), with only where the rows come from
 overridden: a ``custom_dataset`` hook that reads the original release files from a
-task-data directory (layout of ``/work/shared/data``, see each module) and returns
+task-data directory (layout of the shared ``data/`` folder beside a checkout, see each module) and returns
 the rows in the schema of the hub dataset lm-eval would have downloaded.
 
 lm-eval resolves ``include:`` against a file path, and the path of lm-eval's task
