@@ -195,7 +195,10 @@ class LabelChoiceScorer:
             for row, i in enumerate(idx):
                 start, ids = spans[i]
                 for j, t in enumerate(ids):
-                    rows.append(row), positions.append(start - 1 + j), targets.append(t), owner.append(i)
+                    rows.append(row)
+                    positions.append(start - 1 + j)
+                    targets.append(t)
+                    owner.append(i)
             logprobs = self._logprobs_at(hidden, head, rows, positions)
             for k, (i, t) in enumerate(zip(owner, targets)):
                 out[i] += float(logprobs[k, t])

@@ -52,8 +52,10 @@ def effective_precision(cfg: ExperimentConfig) -> str:
 
 def autocast_dtype(cfg: ExperimentConfig):
     """The dtype scoring runs under autocast with (None: plain fp32), matching training."""
-    return torch.bfloat16 if effective_precision(cfg).startswith("bf16") else (
-        torch.float16 if effective_precision(cfg) == "16-mixed" else None)
+    precision = effective_precision(cfg)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    return torch.float16 if precision == "16-mixed" else None
 
 
 class SiteDataModule(pl.LightningDataModule):
