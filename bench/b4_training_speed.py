@@ -21,7 +21,8 @@ variant (its compile time on 2 cores would dwarf 10 steps).
 
     .venv/bin/python bench/b4_training_speed.py [--quick] [--method sft] [--model smollm2]
 
-Prints a table and writes ``bench/results/b4.json`` (``b4_smollm2.json`` for ``--model smollm2``).
+Prints a table and writes ``bench/results/b4.json`` (``b4_smollm2.json`` for ``--model smollm2``,
+``b4_smollm2_sft.json`` with ``--method sft``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     best = max((n for n in tokens_per_s if n != "plain"), key=tokens_per_s.get)
     print_table(["variant", "tokens/s (median)", "x plain"], [[n, v, v / plain] for n, v in tokens_per_s.items()])
     name = "b4" if args.model == "tiny" else f"b4_{args.model}"
+    if args.model != "tiny" and args.method != DEFAULT_METHOD[args.model]:
+        name += f"_{args.method}"  # the real model's SFT rows sit beside its LoRA rows
     payload = {
         "benchmark": name,
         "quick": args.quick,

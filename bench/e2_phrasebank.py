@@ -10,13 +10,15 @@ other setting with its paired bootstrap 95% interval.
 
     .venv/bin/python bench/e2_phrasebank.py [--alphas 1 5 10] [--quick] [--set key=value ...]
 
-Prints a table and writes ``bench/results/e2.json``. About 5 minutes per alpha on an idle
-2-core CPU.
+Prints a table and writes ``bench/results/e2.json``; runs of other alphas already there
+under the same overrides are kept (a rerun alpha replaces its own). About 5-10 minutes per
+alpha on an idle 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -101,6 +103,18 @@ HEADER = ["alpha", "setting", "base acc", "sites alone acc", "centralized acc", 
           "FedAvg macro-F1", "FedAvg − best site [95% CI]", "FedAvg − centralized [95% CI]"]
 
 
+def earlier_runs(path: Path, overrides: list[str], quick: bool, exclude: list[float]) -> list[dict]:
+    """The other alphas' runs already in ``path`` (``bench/results/e2.json``) under the same overrides:
+    each alpha takes minutes, so a run of some alphas adds to the file instead of
+    replacing it (an alpha run again replaces its old numbers)."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier.get("overrides") != overrides or earlier.get("quick") != quick:
+        return []
+    return [run for run in earlier.get("runs", []) if run["alpha"] not in exclude]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alphas", nargs="+", type=float, help="default: the demo's alpha, then 1, 5, 10")
@@ -115,13 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
     alphas = args.alphas or [demo_alpha, *[a for a in SEED_ALPHAS if a != demo_alpha]]
     overrides = (QUICK if args.quick else []) + list(args.set)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedllm-e2-"))
-    results: list[dict] = []
+    results = earlier_runs(REPO / "bench" / "results" / "e2.json", overrides, args.quick, exclude=alphas)
     payload = {"demo_alpha": demo_alpha, "overrides": overrides, "runs": results, "quick": args.quick}
     try:
         for alpha in alphas:
             results.append(run_alpha(alpha, overrides, work))
+            results.sort(key=lambda run: run["alpha"])
             write_result("e2", payload)  # each alpha's numbers as soon as they exist
-            print_table(HEADER, table_rows(results[-1:]))
+            print_table(HEADER, table_rows([run for run in results if run["alpha"] == alpha]))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -11,6 +11,7 @@ one Markdown table (model, sequence length, batch, device, medians) and writes
      "b3": {"peak_rss_over_model": {"2", "4", "8"}, ...},
      "b4": {"speedup_over_plain", ...},
      "b1_smollm2": {...as b1}, "b4_smollm2": {...as b4},   # SmolLM2-135M (--model smollm2)
+     "b4_smollm2_sft": {...as b4},                          # the same, --method sft
      "device": "..."}
 
 A benchmark that fails is recorded with its error and the others still run; the exit code
@@ -36,15 +37,16 @@ if str(REPO) not in sys.path:
 from bench import b1_overhead, b2_bytes, b3_server_memory, b4_training_speed, e2_phrasebank, eval_throughput  # noqa: E402
 from bench.common import device_name, print_table, write_result  # noqa: E402
 
-def on_model(main, model: str):
+def on_model(main, model: str, *extra: str):
     """A benchmark's ``main`` run with ``--model <model>`` (B1/B4's SmolLM2-135M rows)."""
     def run(argv: list[str]) -> dict:
-        return main([*argv, "--model", model])
+        return main([*argv, "--model", model, *extra])
     return run
 
 
 BENCHMARKS = {"b1": b1_overhead.main, "b2": b2_bytes.main, "b3": b3_server_memory.main, "b4": b4_training_speed.main,
               "b1_smollm2": on_model(b1_overhead.main, "smollm2"), "b4_smollm2": on_model(b4_training_speed.main, "smollm2"),
+              "b4_smollm2_sft": on_model(b4_training_speed.main, "smollm2", "--method", "sft"),
               "eval": eval_throughput.main, "e2": e2_phrasebank.main}
 
 
@@ -89,16 +91,17 @@ def summary_rows(result: dict) -> list[list]:
         setup = f"{s['model']}, seq {s['max_seq_length']}, batch {s['micro_batch_size']}, {s['method']}, {s['steps']} steps, median of {s['repeats']}"
         rows.append(["B4", "fedllm site (defaults) / plain loop", f"{b4['fedllm_over_plain']:.3f}", "", setup])
         rows.append(["B4", f"best ({b4['best_variant']}) / plain loop", f"{b4['speedup_over_plain']:.3f}", ">= 1.3 (GPU)", setup])
-    b4 = result.get("b4_smollm2") or {}
-    if "fedllm_over_plain" in b4:
+    for b4 in (result.get("b4_smollm2") or {}, result.get("b4_smollm2_sft") or {}):
+        if "fedllm_over_plain" not in b4:
+            continue
         s = b4["setup"]
         setup = (f"{s['model']}, seq {s['max_seq_length']}, batch {s['micro_batch_size']}, {s['method']}, "
                  f"{s.get('effective_precision', s['precision'])}, {s['threads']} threads, {s['steps']} steps, median of {s['repeats']}"
                  + (", --quick smoke run" if b4.get("quick") else ""))
-        rows.append(["B4", "fedllm site / plain loop (SmolLM2-135M)", f"{b4['fedllm_over_plain']:.3f}", "", setup])
+        rows.append(["B4", f"fedllm site / plain loop (SmolLM2-135M, {s['method']})", f"{b4['fedllm_over_plain']:.3f}", "", setup])
         for variant, value in b4["tokens_per_s"].items():
             if variant not in ("plain", "fedllm"):
-                rows.append(["B4", f"  {variant} / plain loop (SmolLM2-135M)", f"{value / b4['tokens_per_s']['plain']:.3f}", "", setup])
+                rows.append(["B4", f"  {variant} / plain loop (SmolLM2-135M, {s['method']})", f"{value / b4['tokens_per_s']['plain']:.3f}", "", setup])
     ev = result.get("eval") or {}
     if "fedllm_over_lm_eval" in ev:
         fed = ev["runs"]["fedllm"]

@@ -97,12 +97,29 @@ def test_the_table_shows_the_smollm2_rows():
                                               "steps_per_round": 3} for m in ("lora", "sft")}},
         "b4_smollm2": {"setup": {**setup, "method": "lora", "steps": 10}, "fedllm_over_plain": 1.1,
                        "tokens_per_s": {"plain": 100.0, "fedllm": 110.0, "fedllm+packing": 150.0}},
+        "b4_smollm2_sft": {"setup": {**setup, "method": "sft", "steps": 10}, "fedllm_over_plain": 0.9,
+                           "tokens_per_s": {"plain": 100.0, "fedllm": 90.0, "fedllm+packing": 160.0}},
     }
     rows = {r[1]: r for r in summary_rows(result)}
     for method in ("lora", "sft"):
         assert rows[f"{method} (SmolLM2-135M): site tok/s / plain loop"][2] == "1.050"
         assert rows[f"{method} (SmolLM2-135M): overhead per round (s)"][2] == "0.40"
     assert "bf16-mixed" in rows["lora (SmolLM2-135M): site tok/s / plain loop"][4]
-    assert rows["fedllm site / plain loop (SmolLM2-135M)"][2] == "1.100"
-    assert rows["  fedllm+packing / plain loop (SmolLM2-135M)"][2] == "1.500"
+    assert rows["fedllm site / plain loop (SmolLM2-135M, lora)"][2] == "1.100"
+    assert rows["  fedllm+packing / plain loop (SmolLM2-135M, lora)"][2] == "1.500"
+    assert rows["fedllm site / plain loop (SmolLM2-135M, sft)"][2] == "0.900"
+    assert rows["  fedllm+packing / plain loop (SmolLM2-135M, sft)"][2] == "1.600"
     assert not any(r[1].startswith("lora: ") for r in rows.values())  # no tiny rows without a b1 result
+
+
+def test_e2_keeps_the_other_alphas_already_measured(tmp_path):
+    from bench.e2_phrasebank import earlier_runs
+
+    path = tmp_path / "e2.json"
+    assert earlier_runs(path, [], False, exclude=[10.0]) == []
+    path.write_text(json.dumps({"overrides": ["baselines.centralized=false"], "quick": False,
+                                "runs": [{"alpha": 1.0}, {"alpha": 5.0}, {"alpha": 10.0}]}))
+    assert earlier_runs(path, ["baselines.centralized=false"], False, exclude=[10.0]) == [{"alpha": 1.0}, {"alpha": 5.0}]
+    # other overrides or a smoke run measure something else: nothing is kept
+    assert earlier_runs(path, [], False, exclude=[10.0]) == []
+    assert earlier_runs(path, ["baselines.centralized=false"], True, exclude=[10.0]) == []
