@@ -39,10 +39,10 @@ def setting_file(run_dir: Path, setting: str) -> Path:
 
 
 def describe_model(cfg: ExperimentConfig, base_dir: Path) -> dict:
-    from fedllm.train.methods import get_method
-    from fedllm.train.module import CausalLMModule
+    """model.json: where the base model came from and its size; no weight is read."""
+    from fedllm.train.model import count_model_parameters
 
-    probe = CausalLMModule(str(base_dir), cfg.method.name, cfg.method.params)
+    count = count_model_parameters(base_dir, cfg.method.name, cfg.method.params)
     if cfg.model.source == "tiny":
         t = cfg.model.tiny
         text = (
@@ -57,8 +57,8 @@ def describe_model(cfg: ExperimentConfig, base_dir: Path) -> dict:
         "source": cfg.model.source,
         "description": text,
         # The base model's own parameters: a PEFT method's adapter is counted as trainable only.
-        "parameters": probe.num_parameters - (probe.num_exchanged_parameters if get_method(cfg.method.name).is_peft else 0),
-        "trainable_parameters": probe.num_exchanged_parameters,
+        "parameters": count.base,
+        "trainable_parameters": count.trainable,
     }
 
 

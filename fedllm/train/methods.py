@@ -141,3 +141,26 @@ def apply_method(model, method_name: str, params: dict[str, Any]):
         return get_peft_model(model, cfg)
     except ValueError as e:  # e.g. target modules not found in this architecture
         raise FedllmError(f"config field 'method.params': {method_name} cannot be applied to this model: {e}") from None
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """A model's size as model.json states it."""
+
+    base: int  # the base model's own parameters; a PEFT adapter is not among them
+    trainable: int  # what trains and travels: every weight for SFT, the adapter / prompt for PEFT
+
+
+def count_parameters(model, method_name: str) -> ParameterCount:
+    """The size of a model :func:`apply_method` returned, on any device (meta included).
+
+    A weight shared by two modules (tied input and output embeddings) counts once.
+    """
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    # PEFT froze the whole base and added the adapter; SFT trains the base itself.
+    base = total - trainable if get_method(method_name).is_peft else total
+    return ParameterCount(base=base, trainable=trainable)

@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 
 from fedllm.config import ModelConfig, TinyModelSpec
 from fedllm.errors import FedllmError
+from fedllm.train.methods import ParameterCount, apply_method, count_parameters
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
@@ -215,3 +216,22 @@ def load_causal_lm(model_dir: str | os.PathLike, dtype=None, trust_remote_code: 
         return AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError):  # architectures without SDPA support
         return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+
+
+def count_model_parameters(model_dir: str | os.PathLike, method_name: str, method_params: dict, trust_remote_code: bool = False) -> ParameterCount:
+    """The base model's and the method's trainable parameter counts, equal to those of the
+    loaded model (:func:`fedllm.train.methods.count_parameters`), without reading a weight.
+
+    The architecture is built from ``config.json`` on PyTorch's meta device, where a
+    tensor has a shape and no storage, and the method applied to it: seconds and no
+    memory even for a 20B model, which loaded would take 80 GB in fp32.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_dir(model_dir)
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = apply_method(model, method_name, method_params)
+    return count_parameters(model, method_name)

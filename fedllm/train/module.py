@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 
 from fedllm import events
-from fedllm.train.methods import apply_method, get_method
+from fedllm.train.methods import ParameterCount, apply_method, count_parameters, get_method
 from fedllm.train.model import load_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -150,12 +150,12 @@ class CausalLMModule(pl.LightningModule):
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+    def parameter_count(self) -> ParameterCount:
+        return count_parameters(self.model, self.method)
 
     @property
     def num_exchanged_parameters(self) -> int:
-        return sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad)
+        return self.parameter_count.trainable
 
     # -- training ------------------------------------------------------------
     def _reset_meters(self):
