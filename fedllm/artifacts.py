@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from fedllm.errors import FedllmError
+from fedllm.files import write_json_atomic
 from fedllm.store import MANIFEST_NAME, ObjectNotFound, open_store, redact
 from fedllm.store.manifest import build_manifest, encode_manifest, local_files, parse_manifest, sha256_of_file
 
@@ -150,9 +151,7 @@ def record_best(store: Optional[str], checkpoint_dir: Path, round_number: int, v
     if store:
         open_store(store).put_dir(folder, BEST_KEY, meta=record)
     path = Path(checkpoint_dir).parent / "best.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, record)
     return True
 
 

@@ -5,31 +5,59 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import yaml
 
 from fedllm.errors import FedllmError
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so a
-    reader sees the old file or the whole new one, never a part."""
+# Temporary files of unfinished writes start with this; LocalStore never lists them.
+TEMP_PREFIX = ".fedllm-tmp-"
+
+
+def write_atomic(
+    path: str | os.PathLike, content: bytes | Callable[[BinaryIO], object], *, mode: int = 0o666
+) -> None:
+    """Make ``path`` from ``content`` (the bytes, or a function that writes them to the open
+    file, for a stream too large to hold) through a temporary file in the same folder, fsynced
+    and renamed into place: a reader sees the old file or the whole new one, never a part.
+    ``mode`` is the new file's permissions before the umask, as for ``open``; 0o600 keeps it
+    owner-only from its first byte (private keys)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A random name, so two writers of one path (threads, pods on a shared volume) never
+    # share a temporary file; O_EXCL fails rather than reuse someone else's.
+    tmp = path.with_name(TEMP_PREFIX + secrets.token_hex(8))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, (bytes, bytearray, memoryview)):
+                f.write(content)
+            else:
+                content(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk too.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented UTF-8 JSON with a final newline, written as ``write_atomic`` does."""
     write_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 

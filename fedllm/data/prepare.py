@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fedllm.config import ExperimentConfig
 from fedllm.data.jsonl import dumps_jsonl, read_jsonl
-from fedllm.files import write_atomic
+from fedllm.files import write_atomic, write_json_atomic
 from fedllm.data.partition import partition_examples
 from fedllm.data.prompts import get_template
 from fedllm.data.records import Example
@@ -152,7 +152,7 @@ def prepare_partitions(cfg: ExperimentConfig, out_dir: str | Path) -> Partitions
         "config_fingerprint": cfg.fingerprint(),
         "files": {"sites": files, "combined_val": files_combined},
     }
-    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_json_atomic(out / MANIFEST, manifest)
     return Partitions(dir=out, sites=list(site_splits), summary=summary, manifest=manifest)
 
 

@@ -7,11 +7,10 @@ Saved with every run (``partition_summary.json`` and a stacked bar chart
 from __future__ import annotations
 
 import io
-import json
 from collections import Counter
 from pathlib import Path
 
-from fedllm.files import write_atomic
+from fedllm.files import write_atomic, write_json_atomic
 from fedllm.data.records import Example
 from fedllm.data.splits import SPLITS
 
@@ -53,7 +52,7 @@ def partition_summary(site_splits: dict[str, dict[str, list[Example]]]) -> dict:
 def write_summary(summary: dict, json_path: str | Path, png_path: str | Path) -> None:
     """Save the summary as JSON and as a PNG chart (one panel per split, a
     stacked bar per site); both written atomically."""
-    write_atomic(json_path, (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_json_atomic(json_path, summary)
     write_atomic(png_path, render_summary_png(summary))
 
 

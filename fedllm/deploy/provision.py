@@ -28,7 +28,7 @@ from typing import Any, Optional
 import yaml
 
 from fedllm.errors import FedllmError
-from fedllm.files import read_yaml
+from fedllm.files import read_yaml, write_atomic
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "fedllm-federation"
 SITE_NAME_MAX = 40  # leaves room for "<release>-" and suffixes within 63-character names
@@ -319,7 +319,8 @@ def provision(
         names[participant] = secret_name(values, release, participant)
         manifest = startup_kit_secret(names[participant], kit_files(kit_dir), labels, root_ca_sha256)
         secret_file = out / "secrets" / f"{participant}-startup-kit.yaml"
-        _write_private(secret_file, yaml.safe_dump(manifest, sort_keys=False))
+        # The manifests carry private keys: owner-only from the first byte.
+        write_atomic(secret_file, yaml.safe_dump(manifest, sort_keys=False).encode("utf-8"), mode=0o600)
         kits[participant] = kit_dir
         secrets[participant] = secret_file
 
@@ -338,11 +339,3 @@ def provision(
         "server_target": f"{p['host']}:{p['fl_port']}",
         "admin_name": p["admin"],
     }
-
-
-def _write_private(path: Path, text: str) -> None:
-    # The manifests carry private keys: owner-only from the first byte, then an atomic rename.
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.touch(mode=0o600)
-    tmp.write_text(text)
-    tmp.replace(path)

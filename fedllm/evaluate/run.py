@@ -12,7 +12,6 @@ reduce its results to the metrics every report reads.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fedllm.errors import FedllmError
+from fedllm.files import write_json_atomic
 from fedllm.evaluate.model import load_model_for_eval, resolve_batch_size, resolve_device, resolve_dtype
 from fedllm.evaluate.tasks import OFFLINE_TASKS, TASK_NAMES, check_task_names, lm_eval_task_dir, write_task_folder
 
@@ -116,7 +116,7 @@ def evaluate_model(
         "lm_eval_version": lm_eval.__version__,
     }
     if output is not None:
-        write_json(Path(output), summary)
+        write_json_atomic(output, summary)
     return summary
 
 
@@ -179,11 +179,3 @@ def summarise_metrics(lm_eval_results: dict, tasks: Sequence[str]) -> dict:
         "stderr": math.sqrt(sum(s * s for s in stderrs)) / len(values) if None not in stderrs else None,
     }
     return metrics
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` atomically."""
-    from fedllm.store.local import write_atomically
-
-    payload = (json.dumps(data, indent=2) + "\n").encode("utf-8")
-    write_atomically(path, lambda f: f.write(payload))

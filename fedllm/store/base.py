@@ -22,6 +22,10 @@ from fedllm.store.manifest import (
     sha256_of_file,
 )
 
+# A site's data and weights are private to it: the files a store writes (objects in a
+# local store, downloads from any store) are owner-only.
+LOCAL_FILE_MODE = 0o600
+
 
 class ObjectNotFound(FedllmError):
     """No object under the key asked for; the message names its URI."""

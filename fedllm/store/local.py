@@ -4,40 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from fedllm.errors import FedllmError
-from fedllm.store.base import ObjectNotFound, Store, check_key
-
-# Temporary files of unfinished writes; never listed as objects.
-_TEMP_PREFIX = ".fedllm-tmp-"
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk too.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(dest: Path, write) -> None:
-    """Make ``dest`` by calling ``write(file)`` on a temporary file in the same folder, then
-    fsync and rename it into place: ``dest`` is either untouched or complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
+from fedllm.files import TEMP_PREFIX, write_atomic
+from fedllm.store.base import LOCAL_FILE_MODE, ObjectNotFound, Store, check_key
 
 
 class LocalStore(Store):
@@ -57,7 +28,7 @@ class LocalStore(Store):
         return (self.root / key).as_uri() if key else self.root_uri
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        write_atomically(self._path(key), lambda f: f.write(data))
+        write_atomic(self._path(key), data, mode=LOCAL_FILE_MODE)
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -71,7 +42,7 @@ class LocalStore(Store):
         if not local_path.is_file():
             raise FedllmError(f"{local_path}: no such file to upload to {self.uri_of(key)}")
         with open(local_path, "rb") as src:
-            write_atomically(self._path(key), lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            write_atomic(self._path(key), lambda f: shutil.copyfileobj(src, f, 1 << 20), mode=LOCAL_FILE_MODE)
 
     def get_file(self, key: str, local_path: str | os.PathLike) -> Path:
         path = self._path(key)
@@ -81,7 +52,7 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             raise ObjectNotFound(f"{self.uri_of(key)}: no such object") from e
         with src:
-            write_atomically(local_path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            write_atomic(local_path, lambda f: shutil.copyfileobj(src, f, 1 << 20), mode=LOCAL_FILE_MODE)
         return local_path
 
     def exists(self, key: str) -> bool:
@@ -97,7 +68,7 @@ class LocalStore(Store):
         keys = []
         for dirpath, _dirnames, filenames in os.walk(folder):
             for name in filenames:
-                if name.startswith(_TEMP_PREFIX):
+                if name.startswith(TEMP_PREFIX):
                     continue
                 key = (Path(dirpath) / name).relative_to(self.root).as_posix()
                 if key.startswith(prefix):

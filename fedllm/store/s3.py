@@ -33,9 +33,9 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from fedllm.errors import FedllmError
-from fedllm.store.base import ObjectNotFound, Store, check_key, join_key
+from fedllm.files import write_atomic
+from fedllm.store.base import LOCAL_FILE_MODE, ObjectNotFound, Store, check_key, join_key
 from fedllm.store.credentials import S3Settings, load_settings, redact
-from fedllm.store.local import write_atomically
 
 log = logging.getLogger("fedllm.store")
 
@@ -260,7 +260,7 @@ class S3Store(Store):
         def attempt():
             response = self._client.get_object(self.bucket, name)
             try:
-                write_atomically(local_path, lambda f: shutil.copyfileobj(response, f, _MIB))
+                write_atomic(local_path, lambda f: shutil.copyfileobj(response, f, _MIB), mode=LOCAL_FILE_MODE)
             finally:
                 response.close()
                 response.release_conn()
