@@ -163,37 +163,35 @@ def _label(value: Any, origin: str, key: str) -> Optional[str]:
 # --------------------------------------------------------------------------
 
 
-def _dolly(rows: list[Row], fields: dict) -> list[Example]:
-    needs = ("instruction", "context", "response")
+def _from_columns(
+    rows: list[Row], columns: dict[str, Optional[str]], needs: tuple[str, ...], what: str
+) -> list[Example]:
+    """One example per row, its fields read from the columns ``columns`` names (instruction,
+    input, output, label; None: no such column). ``needs`` are the columns a row must have;
+    ``what`` names the format in the error for a row that lacks one."""
     out = []
     for origin, row in rows:
-        _require(row, origin, needs, "format dolly")
+        _require(row, origin, needs, what)
         out.append(
             Example(
-                instruction=_text(row["instruction"], origin, "instruction"),
-                input=_text(row["context"], origin, "context"),
-                output=_text(row["response"], origin, "response"),
-                label=_label(row.get("category"), origin, "category"),
+                instruction=_text(row[columns["instruction"]], origin, columns["instruction"]),
+                input=_text(row.get(columns["input"]), origin, columns["input"]),
+                output=_text(row[columns["output"]], origin, columns["output"]),
+                label=_label(row.get(columns["label"]), origin, columns["label"]),
                 origin=origin,
             )
         )
     return out
+
+
+def _dolly(rows: list[Row], fields: dict) -> list[Example]:
+    columns = {"instruction": "instruction", "input": "context", "output": "response", "label": "category"}
+    return _from_columns(rows, columns, ("instruction", "context", "response"), "format dolly")
 
 
 def _medical_meadow(rows: list[Row], fields: dict) -> list[Example]:
-    needs = ("instruction", "input", "output")
-    out = []
-    for origin, row in rows:
-        _require(row, origin, needs, "format medical_meadow")
-        out.append(
-            Example(
-                instruction=_text(row["instruction"], origin, "instruction"),
-                input=_text(row["input"], origin, "input"),
-                output=_text(row["output"], origin, "output"),
-                origin=origin,
-            )
-        )
-    return out
+    columns = {"instruction": "instruction", "input": "input", "output": "output", "label": None}
+    return _from_columns(rows, columns, ("instruction", "input", "output"), "format medical_meadow")
 
 
 def _financial_phrasebank(rows: list[Row], fields: dict) -> list[Example]:
@@ -268,20 +266,7 @@ def _generic(rows: list[Row], fields: dict) -> list[Example]:
     needs = tuple(columns[k] for k in ("instruction", "output")) + tuple(
         columns[k] for k in ("input", "label") if k in fields
     )
-    what = f"format generic with fields {columns}"
-    out = []
-    for origin, row in rows:
-        _require(row, origin, needs, what)
-        out.append(
-            Example(
-                instruction=_text(row[columns["instruction"]], origin, columns["instruction"]),
-                input=_text(row.get(columns["input"]), origin, columns["input"]),
-                output=_text(row[columns["output"]], origin, columns["output"]),
-                label=_label(row.get(columns["label"]), origin, columns["label"]),
-                origin=origin,
-            )
-        )
-    return out
+    return _from_columns(rows, columns, needs, f"format generic with fields {columns}")
 
 
 # --------------------------------------------------------------------------
