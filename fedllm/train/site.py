@@ -27,15 +27,22 @@ from fedllm.train.methods import get_method
 from fedllm.train.model import load_tokenizer
 from fedllm.train.module import CausalLMModule
 
-# Lightning's banners ("GPU available", tips) would drown the structured event
-# lines that `kubectl logs` shows; its warnings and errors still come through.
-logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=r".*(LeafSpec|is_gradient_checkpointing|does not have many workers|limit_val_batches).*")
-
 PRECISION_DTYPE = {"32-true": "float32", "bf16-mixed": "float32", "16-mixed": "float32", "bf16-true": "bfloat16"}
 #: variable the simulator sets for its sites: torch threads each site process may use
 SITE_THREADS_ENV = "FEDLLM_SITE_THREADS"
+
+
+def quiet_training_logs() -> None:
+    """Silence Lightning's info banners and the known-harmless warnings of training, for
+    the rest of the process; called when a module or trainer is built, never on import.
+
+    Lightning's banners ("GPU available", tips) would drown the structured event lines
+    that `kubectl logs` shows; its warnings and errors still come through. Calling it
+    again changes nothing.
+    """
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|is_gradient_checkpointing|does not have many workers|limit_val_batches).*")
 
 
 def effective_precision(cfg: ExperimentConfig) -> str:
@@ -111,6 +118,7 @@ def train_args(cfg: ExperimentConfig, total_steps: int) -> dict:
 
 
 def build_module(cfg: ExperimentConfig, base_model_dir: str, total_steps: int) -> CausalLMModule:
+    quiet_training_logs()  # peft warns about gradient checkpointing while it wraps the model
     module = CausalLMModule(
         model_dir=str(base_model_dir),
         method=cfg.method.name,
@@ -125,6 +133,7 @@ def build_module(cfg: ExperimentConfig, base_model_dir: str, total_steps: int) -
 
 def make_trainer(cfg: ExperimentConfig, max_steps: int, val_every: Optional[int] = None, progress: bool = False) -> pl.Trainer:
     """One trainer recipe for every setting; validation only when asked."""
+    quiet_training_logs()
     t = cfg.training
     kwargs = dict(
         max_steps=max_steps,
