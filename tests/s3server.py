@@ -188,6 +188,17 @@ class S3Server:
         client.put_object(bucket, name, io.BytesIO(bytes(data)), len(data))
 
 
+def read_object(client, name: str) -> bytes:
+    """The bytes of object ``name`` in the test bucket, read with a plain minio client
+    (:meth:`S3Server.client`)."""
+    response = client.get_object(BUCKET, name)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
 def make_self_signed_certificate(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
     """A certificate for ``host`` (as an IP SAN) that is its own CA, and its key, as PEM files."""
     import datetime

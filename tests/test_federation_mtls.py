@@ -10,18 +10,13 @@ provisioning tries to join and must never register.
 
 from __future__ import annotations
 
-import base64
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from participants import Participants, free_port, mount_secret
 
 from conftest import TINY_CONFIG, TINY_RUN
 from fedllm.config import load_config
@@ -34,63 +29,7 @@ from fedllm.run import prepare_run
 
 pytestmark = pytest.mark.federation
 
-REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def mount_secret(secret_file: Path, mount_dir: Path) -> Path:
-    """Write a Secret manifest's data as files, as the kubelet does for a Secret volume."""
-    mount_dir.mkdir(parents=True)
-    for key, value in yaml.safe_load(secret_file.read_text())["data"].items():
-        (mount_dir / key).write_bytes(base64.b64decode(value))
-    return mount_dir
-
-
-class Participants:
-    """Participant processes, each in its own process group so the test can end them all."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, kit: Path, env: dict | None = None) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedllm.deploy.participant", "--kit", str(kit), "--workspace", str(self.root / "ws" / name)],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # NVFlare's job workers live in the same group; leave nothing behind
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def registered_sites(session) -> set[str]:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from offloaded_updates import as_offloaded
 
 from conftest import TINY_CONFIG, REPO, TINY_RUN
 from fedllm.errors import FedllmError
 from fedllm.federation.aggregation import RunningWeightedAverage
-from test_tuning_aggregation import _offloaded
 
 PREFIX = "model.base_model.model.model.layers.0.self_attn"
 MODULES = {"q_proj": (24, 16), "v_proj": (8, 16)}  # out, in
@@ -131,7 +131,7 @@ def test_disk_offloaded_updates_give_the_in_memory_result(tmp_path):
     for order in (["site-c", "site-a", "site-b"], ["site-b", "site-c", "site-a"]):
         folder = tmp_path / "-".join(order)
         folder.mkdir()
-        offloaded.append(_aggregate(updates, order=order, wrap=lambda site, params: _offloaded(folder, site, params)))
+        offloaded.append(_aggregate(updates, order=order, wrap=lambda site, params: as_offloaded(folder, site, params)))
     assert list(offloaded[0].params) == list(in_memory.params)
     for name, value in in_memory.params.items():
         assert torch.equal(offloaded[0].params[name], offloaded[1].params[name]), name  # bit for bit

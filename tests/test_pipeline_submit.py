@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import yaml
+from participants import Participants, free_port, mount_secret
 
 from fedllm.deploy.provision import provision
 from fedllm.pipeline.steps import federate_step
 from fedllm.run import prepare_run
-from test_federation_mtls import Participants, free_port, mount_secret
 
 pytestmark = pytest.mark.federation
 

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from s3server import BUCKET, start_s3_server
+from cli_runs import fedllm, tiny_config
+from s3server import BUCKET, read_object, start_s3_server
 from safetensors.torch import load_file
-from test_run_store_s3 import REPO, fedllm, read_object, tiny_config
+
+from conftest import REPO
 
 pytestmark = pytest.mark.slow  # three federations each: minutes on 2 shared cores
 

@@ -14,57 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import yaml
-from s3server import BUCKET, s3_server, start_s3_server  # noqa: F401 (s3_server is a fixture)
+from cli_runs import fedllm, tiny_config
+from s3server import BUCKET, read_object, s3_server, start_s3_server  # noqa: F401 (s3_server is a fixture)
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "data"
-
-
-def tiny_config(folder: Path, rounds: int = 3, **changes) -> Path:
-    """configs/tiny.yaml cut down to 2 sites x ``rounds`` rounds x 2 steps, ~60 records per
-    source, a 1-layer model, no lm-eval; ``changes`` replace top-level sections' keys."""
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    cfg["data_dir"] = str(DATA_DIR)
-    cfg["data"]["sources"] = [dict(s, max_records=60) for s in cfg["data"]["sources"][:2]]
-    cfg["data"]["max_val_records_per_site"] = 8
-    cfg["training"].update(steps_per_round=2, val_check_steps=2, micro_batch_size=4)
-    cfg["model"]["tiny"].update(hidden_size=32, intermediate_size=64, num_layers=1, vocab_size=1024)
-    cfg["federation"]["rounds"] = rounds
-    cfg["evaluation"]["enabled"] = False
-    for section, values in changes.items():
-        cfg[section].update(values)
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def fedllm(*args: str, env_extra: dict | None = None, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the ``fedllm`` CLI as a user would, in its own process group."""
-    env = dict(os.environ, **(env_extra or {}))
-    done = subprocess.run(
-        [sys.executable, "-m", "fedllm.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"fedllm {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
-    return done
+from conftest import SHARED_DATA as DATA_DIR  # the checkout's ../shared/data
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def read_object(client, name: str) -> bytes:
-    response = client.get_object(BUCKET, name)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
 
 
 def test_run_leaves_every_artifact_in_s3_and_no_secret_anywhere(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from offloaded_updates import as_offloaded
 
 from fedllm.errors import FedllmError
 from fedllm.federation.aggregation import RunningWeightedAverage
@@ -103,18 +104,6 @@ def test_the_global_model_does_not_depend_on_the_order_sites_report_in():
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-def _offloaded(tmp_path, site, params):
-    """``params`` as NVFlare's tensor disk offload hands them over: lazy refs to a safetensors file."""
-    from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
-    from safetensors.torch import save_file
-
-    folder = tmp_path / site
-    folder.mkdir()
-    save_file(params, str(folder / "update.safetensors"))
-    lazy = LazyTensorDict({name: (str(folder / "update.safetensors"), name) for name in params}, str(folder))
-    return {name: lazy.make_lazy_ref(name) for name in params}
-
-
 def test_disk_offloaded_updates_are_summed_in_site_order_at_the_end(tmp_path):
     generator = torch.Generator().manual_seed(3)
     updates = {site: {"w": torch.randn(64, 32, generator=generator), "b": torch.randn(32, generator=generator)}
@@ -128,7 +117,7 @@ def test_disk_offloaded_updates_are_summed_in_site_order_at_the_end(tmp_path):
         folder = tmp_path / "-".join(order)
         folder.mkdir()
         for site in order:
-            result = _site_result(site, _offloaded(folder, site, updates[site]), steps[site])
+            result = _site_result(site, as_offloaded(folder, site, updates[site]), steps[site])
             aggregator.accept_model(result)
             assert result.params == {}  # the references moved into the aggregator
             assert not aggregator._sums  # nothing read from disk before the round ends

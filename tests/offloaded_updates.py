@@ -1,0 +1,18 @@
+"""A site's update as NVFlare's tensor disk offload hands it to the aggregator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def as_offloaded(folder: Path, site: str, params: dict) -> dict:
+    """``params`` as NVFlare's tensor disk offload hands them over: lazy refs to a
+    safetensors file in ``folder / site``."""
+    from nvflare.app_opt.pt.lazy_tensor_dict import LazyTensorDict
+    from safetensors.torch import save_file
+
+    site_dir = folder / site
+    site_dir.mkdir()
+    save_file(params, str(site_dir / "update.safetensors"))
+    lazy = LazyTensorDict({name: (str(site_dir / "update.safetensors"), name) for name in params}, str(site_dir))
+    return {name: lazy.make_lazy_ref(name) for name in params}
