@@ -27,9 +27,9 @@ from nvflare.app_common.abstract.fl_model import MetaKey
 from fedllm import events
 from fedllm.config import load_config
 from fedllm.data import load_partitions
+from fedllm.tensors import tensor_bytes
 from fedllm.train.model import load_tokenizer
 from fedllm.train.dataset import collate
-from fedllm.train.module import tensor_bytes
 from fedllm.train.site import SiteDataModule, build_module, make_trainer, set_threads, steps_per_round
 
 

@@ -28,6 +28,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedllm import events
+from fedllm.tensors import tensor_bytes
 
 
 def round_dir(checkpoint_dir: str | os.PathLike, round_number: int) -> Path:
@@ -132,7 +133,7 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
         current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         completed = int(current) + 1 if current is not None else 0
         weights = ml[ModelLearnableKey.WEIGHTS]
-        nbytes = sum(int(v.numel() * v.element_size()) if isinstance(v, torch.Tensor) else int(v.nbytes) for v in weights.values())
+        nbytes = tensor_bytes(weights)
         meta = {"round": completed, "bytes": nbytes, "saved_at": time.time(), "config_hash": self.config_hash}
         folder = save_round(self.checkpoint_dir, completed, weights, meta)
         if self.store:

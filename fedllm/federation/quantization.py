@@ -29,6 +29,7 @@ from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
 from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
 
 from fedllm.errors import FedllmError
+from fedllm.tensors import tensor_bytes
 
 # fedllm's config value -> NVFlare's quantization_type
 MODES = {"fp16": "float16", "blockwise8": "blockwise8", "float4": "float4", "normfloat4": "normfloat4"}
@@ -72,10 +73,7 @@ def dequantize_weights(payload: dict, quant_state: dict, source_dtypes: dict, mo
 
 def message_bytes(payload: dict, quant_state: dict) -> int:
     """Bytes of tensors in a quantized message: the values plus the scales and code books."""
-    total = sum(int(v.nbytes) for v in payload.values())
-    for state in quant_state.values():
-        total += sum(int(s.nbytes) for s in (state or {}).values() if isinstance(s, (torch.Tensor, np.ndarray)))
-    return total
+    return tensor_bytes(payload) + sum(tensor_bytes(state or {}) for state in quant_state.values())
 
 
 def _device() -> str:

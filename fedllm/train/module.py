@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 
 from fedllm import events
+from fedllm.tensors import tensor_bytes
 from fedllm.train.methods import ParameterCount, apply_method, count_parameters, get_method
 from fedllm.train.model import load_causal_lm
 
@@ -80,17 +81,6 @@ def token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         targets = shift_labels.reshape(-1)
     loss_sum = torch.nn.functional.cross_entropy(shift_logits, targets, ignore_index=-100, reduction="sum")
     return loss_sum, labelled.sum()
-
-
-def tensor_bytes(state: dict) -> int:
-    """Bytes of a state dict's tensors as they travel (dtype size × elements)."""
-    total = 0
-    for v in state.values():
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-        elif hasattr(v, "nbytes"):
-            total += int(v.nbytes)
-    return total
 
 
 class CausalLMModule(pl.LightningModule):
