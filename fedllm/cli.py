@@ -118,14 +118,14 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from fedllm.evaluate import evaluate_model
+    from fedllm.evaluate import batch_size_from_text, evaluate_model
 
     result = evaluate_model(
         args.model,
         adapter_path=args.adapter,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
         limit=args.limit,
-        batch_size=int(args.batch_size) if args.batch_size.isdigit() else args.batch_size,
+        batch_size=batch_size_from_text(args.batch_size),
         task_data=args.task_data,
         output=args.output,
         source=args.source,

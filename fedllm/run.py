@@ -251,7 +251,7 @@ def evaluate_setting(run_dir: str | os.PathLike, setting: str, store: Optional[s
     Task rows come from ``evaluation.task_data_dir``, else ``$FEDLLM_EVAL_DATA_DIR``,
     else the config's data dir (a local folder or an s3:// prefix).
     """
-    from fedllm.evaluate import evaluate_model
+    from fedllm.evaluate import batch_size_from_text, evaluate_model
 
     run, cfg = load_run(run_dir)
     path = setting_file(run, setting)
@@ -267,7 +267,7 @@ def evaluate_setting(run_dir: str | os.PathLike, setting: str, store: Optional[s
         adapter_path=(Path(adapter) if Path(adapter).is_absolute() else run / adapter) if adapter else None,
         tasks=e.tasks,
         limit=e.limit,
-        batch_size=int(e.batch_size) if e.batch_size.isdigit() else e.batch_size,
+        batch_size=batch_size_from_text(e.batch_size),
         task_data=task_data,
         output=eval_file(run, setting),
     )

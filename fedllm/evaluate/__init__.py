@@ -5,7 +5,7 @@ lm-eval's own, reading their rows from local files (``fedllm.evaluate.tasks``) s
 air-gapped sites need no hub.
 """
 
-from fedllm.evaluate.run import evaluate_model
+from fedllm.evaluate.run import batch_size_from_text, evaluate_model
 from fedllm.evaluate.tasks import TASK_NAMES
 
-__all__ = ["TASK_NAMES", "evaluate_model"]
+__all__ = ["TASK_NAMES", "batch_size_from_text", "evaluate_model"]

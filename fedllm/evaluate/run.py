@@ -120,6 +120,12 @@ def evaluate_model(
     return summary
 
 
+def batch_size_from_text(text: str) -> int | str:
+    """An evaluation batch size as written in a config or on the command line: digits are
+    that integer; anything else (``"auto"``, or a mistake ``evaluate_model`` names) as given."""
+    return int(text) if text.isdigit() else text
+
+
 def check_request(limit, batch_size, source: str, task_data) -> None:
     """One-line errors for settings lm-eval would reject late or misread."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
