@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from fedllm.deploy.kit_secret import kit_files
 from fedllm.errors import FedllmError
 
 
@@ -36,15 +37,12 @@ def admin_kit_dir(kit: Path, into: Path) -> Path:
     """An NVFlare admin kit layout (startup/...) from a Secret mount (``startup.<file>`` keys) or a kit dir."""
     if (kit / "startup").is_dir():
         return kit
-    found = False
-    for f in kit.iterdir():
-        folder, dot, name = f.name.partition(".")
-        if dot and folder in ("startup", "local") and f.is_file():
-            (into / folder).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, into / folder / name)
-            found = found or name == "fed_admin.json"
-    if not found:
+    files = kit_files(kit)
+    if "startup/fed_admin.json" not in files:
         raise FedllmError(f"{kit}: no startup.fed_admin.json; mount the admin startup-kit Secret there")
+    for rel, src in files.items():
+        (into / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, into / rel)
     return into
 
 

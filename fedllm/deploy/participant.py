@@ -27,9 +27,8 @@ from typing import Optional
 
 import yaml
 
+from fedllm.deploy.kit_secret import KIT_DIRS, kit_files
 from fedllm.errors import FedllmError
-
-KIT_DIRS = ("startup", "local")
 
 
 def unpack_kit(kit: Path, workspace: Path, expected_root_ca_sha256: Optional[str] = None) -> str:
@@ -41,18 +40,7 @@ def unpack_kit(kit: Path, workspace: Path, expected_root_ca_sha256: Optional[str
     """
     if not kit.is_dir():
         raise FedllmError(f"{kit}: startup kit not found (mount the participant's startup-kit Secret there)")
-    files: dict[str, Path] = {}
-    if (kit / "startup").is_dir():
-        for folder in KIT_DIRS:
-            for f in (kit / folder).glob("*"):
-                if f.is_file():
-                    files[f"{folder}/{f.name}"] = f
-    else:
-        for f in kit.iterdir():
-            # A Secret volume also holds kubelet's "..data" links; kit keys are "<folder>.<file>".
-            folder, dot, name = f.name.partition(".")
-            if dot and folder in KIT_DIRS and f.is_file():
-                files[f"{folder}/{name}"] = f
+    files = kit_files(kit)
     if "startup/fed_server.json" in files:
         role = "server"
     elif "startup/fed_client.json" in files:

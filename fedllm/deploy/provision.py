@@ -19,7 +19,6 @@ invalidate the kits already deployed.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
+from fedllm.deploy.kit_secret import secret_data, secret_manifest
 from fedllm.errors import FedllmError
 from fedllm.files import read_yaml, write_atomic
 
@@ -37,11 +37,6 @@ ADMIN_NAME = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
 HOST_NAME = re.compile(r"^(([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.)*([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9\-]*[A-Za-z0-9])$")
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 ORG_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-
-# Kit files a running participant reads; the shell scripts and notebooks NVFlare also
-# writes are for hand-started kits and stay out of the Secrets.
-KIT_DIRS = ("startup", "local")
-SKIPPED_SUFFIXES = (".sh", ".ipynb", ".txt")
 
 
 def load_values(values_path: str | Path, chart_dir: Path = CHART_DIR) -> dict:
@@ -229,42 +224,6 @@ class _QuietLogger:
         self.errors.append(str(msg))
 
 
-def secret_key(rel_path: str) -> str:
-    """The Secret data key of a kit file: ``startup/client.key`` -> ``startup.client.key``.
-
-    Secret keys cannot hold '/'; the kit folders have no dots, so the first dot splits.
-    """
-    folder, _, name = rel_path.partition("/")
-    return f"{folder}.{name}"
-
-
-def kit_files(kit_dir: Path) -> dict[str, bytes]:
-    """The files of a participant's kit that go into its Secret, by Secret key."""
-    files = {}
-    for folder in KIT_DIRS:
-        for f in sorted((kit_dir / folder).glob("*")):
-            if f.is_file() and not f.name.endswith(SKIPPED_SUFFIXES):
-                files[secret_key(f"{folder}/{f.name}")] = f.read_bytes()
-    return files
-
-
-def startup_kit_secret(
-    secret_name: str, files: dict[str, bytes], labels: dict[str, str], root_ca_sha256: str
-) -> dict:
-    """One Opaque Secret manifest holding ``files`` (Secret key -> bytes)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": {
-            "name": secret_name,
-            "labels": labels,
-            "annotations": {"fedllm.io/root-ca-sha256": root_ca_sha256},
-        },
-        "data": {k: base64.b64encode(v).decode("ascii") for k, v in sorted(files.items())},
-    }
-
-
 def secret_name(values: dict, release: str, participant: str) -> str:
     """The Secret the chart mounts for ``participant`` ("server", "admin" or a site name)."""
     if participant == "server":
@@ -317,7 +276,7 @@ def provision(
         if participant not in ("server", "admin"):
             labels["fedllm.io/site"] = participant
         names[participant] = secret_name(values, release, participant)
-        manifest = startup_kit_secret(names[participant], kit_files(kit_dir), labels, root_ca_sha256)
+        manifest = secret_manifest(names[participant], secret_data(kit_dir), labels, root_ca_sha256)
         secret_file = out / "secrets" / f"{participant}-startup-kit.yaml"
         # The manifests carry private keys: owner-only from the first byte.
         write_atomic(secret_file, yaml.safe_dump(manifest, sort_keys=False).encode("utf-8"), mode=0o600)
