@@ -17,6 +17,7 @@ from fedllm.deploy.check import admin_kit_dir
 from fedllm.deploy.participant import prepare
 from fedllm.deploy.provision import provision
 from fedllm.errors import FedllmError
+from participants import mount_secret
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "fedllm-federation"
 DEFAULT_CI = CHART / "ci" / "default-values.yaml"
@@ -34,10 +35,7 @@ def secret(result, participant) -> dict:
 
 def mount(result, participant, into: Path) -> Path:
     """Write a Secret's data as files, as the kubelet does for a Secret volume."""
-    into.mkdir(parents=True)
-    for key, value in secret(result, participant)["data"].items():
-        (into / key).write_bytes(base64.b64decode(value))
-    return into
+    return mount_secret(result["secrets"][participant], into)
 
 
 def test_one_opaque_secret_per_participant_named_as_the_chart_mounts_them(kits):
