@@ -24,12 +24,6 @@ import yaml
 
 from fedllm.errors import FedllmError
 
-METHODS = ("sft", "lora", "ptuning", "prompt_tuning", "ia3")
-PARTITION_STRATEGIES = ("by_source", "iid", "dirichlet")
-WEIGHTINGS = ("samples", "steps", "uniform")
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
-QUANTIZATIONS = ("fp16", "blockwise8", "float4", "normfloat4")
-
 
 @dataclass
 class TinyModelSpec:
@@ -59,18 +53,18 @@ class ModelConfig:
     source: str = "tiny"
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)
     revision: Optional[str] = None
-    trust_remote_code: bool = False
 
 
 @dataclass
 class MethodConfig:
     """The fine-tuning method and its peft parameters.
 
+    ``name`` is a key of the method registry (``fedllm.train.methods.METHODS``).
     ``params`` are passed to the method's peft config (LoraConfig, IA3Config,
     PromptEncoderConfig, PromptTuningConfig); ``sft`` takes none.
     """
 
-    name: Literal["sft", "lora", "ptuning", "prompt_tuning", "ia3"] = "lora"
+    name: str = "lora"
     params: dict = field(default_factory=dict)
 
 
@@ -80,7 +74,8 @@ class SourceConfig:
 
     ``path`` is a local file or folder (relative paths resolve against
     ``data_dir``), an ``s3://`` URI, or ``hf://<dataset id>[:split]`` for the hub.
-    ``fields`` maps the generic format's prompt/response/label names.
+    ``fields`` maps the generic format's prompt/response/label names. ``format`` is a
+    key of the format registry (``fedllm.data.formats.FORMATS``).
     """
 
     name: str = ""
@@ -100,9 +95,10 @@ class PartitionConfig:
     ``iid``: pool every source, shuffle, deal evenly to ``num_sites``.
     ``dirichlet``: per label, site shares drawn from Dir(alpha); redrawn until
     every site holds at least ``min_site_records``.
+    ``strategy`` is a key of the partitioner registry (``fedllm.data.partition.PARTITIONERS``).
     """
 
-    strategy: Literal["by_source", "iid", "dirichlet"] = "by_source"
+    strategy: str = "by_source"
     num_sites: Optional[int] = None
     alpha: float = 1.0
     label_field: str = "label"
@@ -164,14 +160,15 @@ class FederationConfig:
 
     ``weighting``: each site's update is weighted by its training samples, its
     optimizer steps, or uniformly. ``quantization`` compresses messages with
-    NVFlare's quantization filters.
+    NVFlare's quantization filters, one of ``fedllm.federation.quantization.MODES``.
+    ``algorithm`` is the one FedAvg that exists (FedProx and FedOpt are to come).
     """
 
     algorithm: Literal["fedavg"] = "fedavg"
     rounds: int = 3
     min_clients: Optional[int] = None
     weighting: Literal["samples", "steps", "uniform"] = "samples"
-    quantization: Optional[Literal["fp16", "blockwise8", "float4", "normfloat4"]] = None
+    quantization: Optional[str] = None
     threads: Optional[int] = None
     # How the server combines the sites' LoRA adapters: ``factors`` averages A and B
     # separately (plain FedAvg); ``product_svd`` averages the sites' updates B·A exactly
@@ -384,7 +381,9 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Checks that span several fields; each error names the field."""
+    """Checks that span several fields, and the names that registries own; each error
+    names the field."""
+    check_registered_names(cfg)
     if cfg.method.name == "sft" and cfg.method.params:
         raise FedllmError("config field 'method.params': sft takes no parameters")
     if not cfg.data.sources:
@@ -433,6 +432,27 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.federation.rounds < 1:
         raise FedllmError(f"config field 'federation.rounds': must be ≥ 1, got {cfg.federation.rounds}")
     return cfg
+
+
+def check_registered_names(cfg: ExperimentConfig) -> None:
+    """Method, partition strategy, prompt template, record formats and quantization are checked against
+    the registries that implement them, so adding one touches its own module only.
+    Imported here, not at the top: those modules import this one."""
+    from fedllm.data.formats import get_format
+    from fedllm.data.partition import get_partitioner
+    from fedllm.data.prompts import get_template
+    from fedllm.train.methods import get_method
+
+    get_method(cfg.method.name)
+    get_partitioner(cfg.data.partition.strategy)
+    get_template(cfg.data.template)
+    for i, src in enumerate(cfg.data.sources):
+        get_format(src.format, f"data.sources[{i}].format")
+    if cfg.federation.quantization is not None:
+        # only a run that quantizes pays for importing NVFlare's quantizers here
+        from fedllm.federation.quantization import check_mode
+
+        check_mode(cfg.federation.quantization)
 
 
 def config_from_dict(tree: dict, source: str = "<config>") -> ExperimentConfig:

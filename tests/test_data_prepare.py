@@ -122,7 +122,10 @@ def test_bad_site_name_and_template_fail_before_writing(tmp_path):
     cfg.data.sources[0].site = "../bank"
     with pytest.raises(FedllmError, match=r"'data.sources\[0\].site': site name '../bank' is not allowed"):
         prepare_partitions(cfg, tmp_path / "data")
-    cfg = _config(template="chatml")
+    with pytest.raises(FedllmError, match=r"'data.template': unknown template 'chatml'"):
+        _config(template="chatml")  # the template registry is the schema: refused at load
+    cfg = _config()
+    cfg.data.template = "chatml"  # changed after loading: prepare still refuses it before writing
     with pytest.raises(FedllmError, match=r"'data.template': unknown template 'chatml'"):
         prepare_partitions(cfg, tmp_path / "data")
     assert not (tmp_path / "data").exists()

@@ -72,8 +72,12 @@ def test_path_not_found_names_field_and_resolved_path(tmp_path):
 
 def test_unknown_format_and_bad_field_mapping_name_the_source_field(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
-    cfg = _cfg([{"name": "a", "path": str(tmp_path / "a.jsonl"), "format": "alpacca"},
+    # the format registry is the schema: an unknown format stops the config at load time
+    with pytest.raises(FedllmError, match=r"'data.sources\[0\].format': unknown format 'alpacca'; allowed values: dolly, "):
+        _cfg([{"name": "a", "path": str(tmp_path / "a.jsonl"), "format": "alpacca"}])
+    cfg = _cfg([{"name": "a", "path": str(tmp_path / "a.jsonl")},
                 {"name": "b", "path": str(tmp_path / "a.jsonl"), "fields": {"prompt": "instruction"}}])
+    cfg.data.sources[0].format = "alpacca"  # a config changed after it was loaded still gets the error
     with pytest.raises(FedllmError, match=r"'data.sources\[0\].format': unknown format 'alpacca'; allowed values: dolly, "):
         load_source(cfg.data.sources[0], cfg)
     with pytest.raises(FedllmError, match=r"'data.sources\[1\].fields': unknown key 'prompt'; allowed keys: instruction, "):

@@ -47,12 +47,7 @@ def partition_examples(
     ``by_source`` maps source name -> examples, in config order. ``site_of`` maps
     a source name to its site for ``by_source`` (default: the source name).
     """
-    if part.strategy not in PARTITIONERS:
-        raise FedllmError(
-            f"config field 'data.partition.strategy': unknown strategy {part.strategy!r}; "
-            f"allowed values: {', '.join(PARTITIONERS)}"
-        )
-    sites = PARTITIONERS[part.strategy](by_source, part, seed, site_of or {})
+    sites = get_partitioner(part.strategy)(by_source, part, seed, site_of or {})
     for site, examples in sites.items():
         if not examples:
             raise FedllmError(f"site {site!r}: the {part.strategy} partition left it without records")
@@ -152,3 +147,14 @@ PARTITIONERS: dict[str, Partitioner] = {
     "iid": _iid,
     "dirichlet": _dirichlet,
 }
+
+
+def get_partitioner(strategy: str) -> Partitioner:
+    """The registered partitioner ``strategy``; an error naming the config field and the
+    allowed values otherwise."""
+    if strategy not in PARTITIONERS:
+        raise FedllmError(
+            f"config field 'data.partition.strategy': unknown strategy {strategy!r}; "
+            f"allowed values: {', '.join(PARTITIONERS)}"
+        )
+    return PARTITIONERS[strategy]

@@ -37,6 +37,15 @@ _BITS = {"float16": 16, "blockwise8": 8, "float4": 4, "normfloat4": 4}
 _SOURCE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 
 
+def check_mode(mode: str) -> str:
+    """NVFlare's name for the quantization ``mode``; an error naming the config field otherwise."""
+    if mode not in MODES:
+        raise FedllmError(
+            f"config field 'federation.quantization': {mode!r} is not a quantization; expected one of {sorted(MODES)}"
+        )
+    return MODES[mode]
+
+
 def add_quantization(recipe, mode: str) -> None:
     """Quantize the weights a FedAvg ``recipe`` sends, both ways, in ``mode``; in place.
 
@@ -44,11 +53,7 @@ def add_quantization(recipe, mode: str) -> None:
     (``federation.quantization``). Tensors whose dtype is already as narrow as the mode
     (e.g. bf16 weights under ``fp16``) travel unchanged. Raises FedllmError for another mode.
     """
-    if mode not in MODES:
-        raise FedllmError(
-            f"config field 'federation.quantization': {mode!r} is not a quantization; expected one of {sorted(MODES)}"
-        )
-    kind = MODES[mode]
+    kind = check_mode(mode)
     recipe.add_server_output_filter(WeightQuantizer(kind), tasks=["train"])
     recipe.add_server_input_filter(WeightDequantizer(), tasks=["train"])
     recipe.add_client_input_filter(WeightDequantizer(), tasks=["train"])

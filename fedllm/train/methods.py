@@ -73,7 +73,6 @@ METHODS: dict[str, Method] = {
         # "all-linear" is one line of config away and roughly triples the bytes.
         {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
     ),
-    "ia3": Method("ia3", "IA3: learned rescaling of attention and feed-forward activations", _ia3, {}),
     "ptuning": Method(
         "ptuning",
         "p-tuning: virtual tokens produced by a small prompt encoder (MLP)",
@@ -86,12 +85,13 @@ METHODS: dict[str, Method] = {
         _prompt_tuning,
         {"num_virtual_tokens": 10},
     ),
+    "ia3": Method("ia3", "IA3: learned rescaling of attention and feed-forward activations", _ia3, {}),
 }
 
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise FedllmError(f"config field 'method.name': unknown method {name!r}; allowed values: {', '.join(METHODS)}")
+        raise FedllmError(f"config field 'method.name': {name!r} is not allowed; allowed values: {', '.join(METHODS)}")
     return METHODS[name]
 
 

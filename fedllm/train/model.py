@@ -205,20 +205,20 @@ def load_tokenizer(model_dir: str | os.PathLike):
     return tok
 
 
-def load_causal_lm(model_dir: str | os.PathLike, dtype=None, trust_remote_code: bool = False):
+def load_causal_lm(model_dir: str | os.PathLike, dtype=None):
     """The base model as an HF causal LM, with SDPA attention where supported."""
     import torch
     from transformers import AutoModelForCausalLM
 
     check_model_dir(model_dir)
-    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype or torch.float32)
+    kwargs = dict(dtype=dtype or torch.float32)
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError):  # architectures without SDPA support
         return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
 
 
-def count_model_parameters(model_dir: str | os.PathLike, method_name: str, method_params: dict, trust_remote_code: bool = False) -> ParameterCount:
+def count_model_parameters(model_dir: str | os.PathLike, method_name: str, method_params: dict) -> ParameterCount:
     """The base model's and the method's trainable parameter counts, equal to those of the
     loaded model (:func:`fedllm.train.methods.count_parameters`), without reading a weight.
 
@@ -230,8 +230,8 @@ def count_model_parameters(model_dir: str | os.PathLike, method_name: str, metho
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_dir(model_dir)
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config)
         model = apply_method(model, method_name, method_params)
     return count_parameters(model, method_name)
