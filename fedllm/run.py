@@ -198,7 +198,9 @@ def run_baseline(run_dir: str | os.PathLike, setting: str, progress: bool = Fals
         parts.combined_val(),
         run / "models" / setting.replace(":", "-"),
         rounds_budget=cfg.federation.rounds,
-        events_file=str(run / "events" / f"{setting.replace(':', '-')}.jsonl"),
+        # "baseline-": a federation site named site-1 logs to events/site-site-1.jsonl, the
+        # same name the baseline site:site-1 would get; each keeps its own file.
+        events_file=str(run / "events" / f"baseline-{setting.replace(':', '-')}.jsonl"),
         progress=progress,
         scorer=make_scorer(cfg, parts, load_tokenizer(run / "models" / "base")),
         # Every baseline starts from the base model, scored on the same rows by score_base.

@@ -41,3 +41,10 @@ def test_fedavg_beats_every_site_alone(tmp_path):
             assert s["val_loss_curve"] and s["train_tokens_per_s"] > 0, name
     assert set(on_disk["settings"]["fedavg"]["bytes_per_round"]) == set(on_disk["sites"])
     assert (tmp_path / "run" / "report" / "index.html").is_file()
+    # a site's federation log and its baseline's log are two files, each with its own events
+    events = tmp_path / "run" / "events"
+    for site in on_disk["sites"]:
+        federated = [json.loads(line) for line in (events / f"site-{site}.jsonl").read_text().splitlines()]
+        alone = [json.loads(line) for line in (events / f"baseline-site-{site}.jsonl").read_text().splitlines()]
+        assert any(e["event"] == "round_end" for e in federated) and {e["site"] for e in federated} == {site}
+        assert any(e["event"] == "setting_end" for e in alone) and {e["site"] for e in alone} == {f"site:{site}"}
