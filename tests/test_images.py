@@ -9,6 +9,7 @@ the chart, the components, the pipeline and the images run exists.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import re
 import tomllib
@@ -77,6 +78,14 @@ def test_the_nemo_image_keeps_nemos_torch_leaves_out_kfp_and_pins_the_rest():
     assert ["--no-deps", "."] in installs, "fedllm without its dependencies: NeMo's torch, no kfp"
     installed = set(installed_requirements(IMAGES["fedllm-nemo"]))
     assert installed == set(pyproject_requirements()) - {"torch", "kfp", "kfp-kubernetes"}
+
+
+def test_the_package_ships_the_charts_values_and_schema():
+    # fedllm provision reads fedllm/deploy/chart/ (the images copy fedllm/, not charts/)
+    globs = PYPROJECT["tool"]["setuptools"]["package-data"]["fedllm"]
+    for name in ("deploy/chart/values.yaml", "deploy/chart/values.schema.json"):
+        assert (REPO / "fedllm" / name).is_file(), name
+        assert any(fnmatch.fnmatch(name, g) for g in globs), f"pyproject's package-data leaves out fedllm/{name}"
 
 
 def test_every_image_runs_the_fedllm_console_script():

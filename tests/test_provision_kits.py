@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import helm_python as helm
@@ -15,7 +19,8 @@ from cryptography.x509.oid import NameOID
 
 from fedllm.deploy.check import admin_kit_dir
 from fedllm.deploy.participant import prepare
-from fedllm.deploy.provision import provision
+import fedllm.deploy.provision as provision_module
+from fedllm.deploy.provision import PACKAGED_CHART, provision
 from fedllm.errors import FedllmError
 from participants import mount_secret
 
@@ -109,16 +114,24 @@ def test_reprovisioning_keeps_the_root_ca(tmp_path):
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"sites": []}, "sites must list at least one site"),
-        ({"sites": [{"name": "a"}, {"name": "b"}, {"name": "Bad_Name"}]}, r"sites\[2\]\.name 'Bad_Name' must be a DNS-1123 label"),
+        # what the chart's values.schema.json says, as jsonschema reports it
+        ({"sites": []}, r"values\.yaml: sites: .*at least one site"),
+        ({"sites": [{"name": "a"}, {"name": "b"}, {"name": "Bad_Name"}]}, r"sites\[2\]\.name: 'Bad_Name' does not match .*a DNS-1123 label"),
+        ({"sites": [{"gpus": 1}]}, r"sites\[0\]: 'name' is a required property"),
+        ({"sites": [{"name": "x" * 41}]}, r"sites\[0\]\.name: 'x+' is too long .*at most 40 characters"),
+        ({"sites": [{"name": "a"}], "admin": {"name": "root"}}, r"admin\.name: 'root' does not match .*an e-mail address"),
+        ({"sites": [{"name": "a"}], "server": {"enabled": False}}, r"server\.remoteAddress: .*required when server\.enabled is false"),
+        ({"sites": [{"name": "a"}], "server": {"enabled": False, "remoteAddress": "nohost"}}, r"server\.remoteAddress: 'nohost' does not match .*host:port"),
+        ({"sites": [{"name": "a"}], "server": {"enabled": False, "remoteAddress": "fl.example.com:70000"}}, r"server\.remoteAddress: 'fl\.example\.com:70000' does not match"),
+        ({"sites": [{"name": "a"}], "server": {"flPort": 0}}, r"server\.flPort: 0 is less than the minimum of 1"),
+        ({"sites": [{"name": "a"}], "server": {"host": "bad_host"}}, r"server\.host: 'bad_host' does not match .*a DNS name"),
+        ({"sites": [{"name": "a"}], "project": {"org": "my-org"}}, r"project\.org: 'my-org' does not match"),
+        ({"sites": [{"name": "a"}], "launcher": "slurm"}, r"launcher: 'slurm' is not one of"),
+        # what only Python checks: rules across fields
         ({"sites": [{"name": "a"}, {"name": "a"}]}, r"sites\[1\]\.name 'a' repeats sites\[0\]\.name"),
-        ({"sites": [{"gpus": 1}]}, r"sites\[0\] needs a name"),
-        ({"sites": [{"name": "x" * 41}]}, "at most 40 characters"),
         ({"sites": [{"name": "server"}]}, "taken by the server"),
-        ({"sites": [{"name": "a"}], "admin": {"name": "root"}}, "admin.name 'root' must be an e-mail"),
-        ({"sites": [{"name": "a"}], "server": {"enabled": False}}, "server.remoteAddress is required"),
-        ({"sites": [{"name": "a"}], "server": {"enabled": False, "remoteAddress": "nohost"}}, "must be host:port"),
         ({"sites": [{"name": "a"}], "server": {"flPort": 8003}}, "both 8003"),
+        ({"sites": [{"name": "s" * 40}], "fullnameOverride": "r" * 30}, r"sites\[0\]\.name 's+': the chart names its objects 'r+-s+', 71 characters"),
     ],
 )
 def test_bad_values_fail_naming_the_field(tmp_path, values, message):
@@ -128,6 +141,44 @@ def test_bad_values_fail_naming_the_field(tmp_path, values, message):
         provision(path, tmp_path / "out")
     assert str(path) in str(err.value)
     assert not (tmp_path / "out" / "nvflare").exists()  # refused before NVFlare ran
+
+
+def test_the_packaged_chart_files_are_the_charts():
+    # An installed fedllm (the images copy only fedllm/) reads these copies, not charts/.
+    for name in ("values.yaml", "values.schema.json"):
+        packaged, chart = PACKAGED_CHART / name, CHART / name
+        assert packaged.read_bytes() == chart.read_bytes(), f"{packaged} differs from {chart}: cp {chart} {packaged}"
+
+
+def test_an_installed_package_provisions_from_its_own_chart_files(tmp_path):
+    # fedllm/ alone, as the images install it: the defaults and the schema still apply.
+    shutil.copytree(Path(provision_module.__file__).parents[1], tmp_path / "site" / "fedllm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"sites": [{"name": "Site_A"}]}))
+    script = (
+        "from fedllm.deploy.provision import load_values, PACKAGED_CHART\n"
+        "from fedllm.errors import FedllmError\n"
+        "assert PACKAGED_CHART.is_relative_to(%r), PACKAGED_CHART\n"
+        "try:\n    load_values(%r)\nexcept FedllmError as e:\n    print(e)\n"
+    ) % (str(tmp_path / "site"), str(values))
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+                         capture_output=True, text=True, check=True).stdout
+    assert f"{values}: sites[0].name: 'Site_A' does not match" in out
+
+
+def test_a_missing_chart_file_is_an_error_naming_it(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"sites": [{"name": "a"}]}))
+    chart = tmp_path / "chart"
+    chart.mkdir()
+    (chart / "values.schema.json").write_bytes((CHART / "values.schema.json").read_bytes())
+    with pytest.raises(FedllmError, match=rf"{chart / 'values.yaml'}: not found"):
+        provision(values, tmp_path / "out", chart_dir=chart)
+    (chart / "values.yaml").write_bytes((CHART / "values.yaml").read_bytes())
+    (chart / "values.schema.json").unlink()
+    with pytest.raises(FedllmError, match=rf"{chart / 'values.schema.json'}: not found"):
+        provision(values, tmp_path / "out", chart_dir=chart)
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

@@ -1,7 +1,9 @@
 """Issue the federation's mTLS startup kits from the Helm chart's values file.
 
 The chart installs the server and the sites listed in its values; this module reads
-the same values, writes NVFlare's ``project.yml``, runs NVFlare's real provisioning
+the same values over the chart's defaults, checks them with the chart's own
+``values.schema.json`` (both packaged with fedllm under ``fedllm/deploy/chart/``, copies of
+``charts/fedllm-federation``'s), writes NVFlare's ``project.yml``, runs NVFlare's real provisioning
 (``Provisioner`` with the Workspace, StaticFile, Cert and Signature builders), and
 turns each participant's kit into one Kubernetes Secret:
 
@@ -20,7 +22,7 @@ invalidate the kits already deployed.
 from __future__ import annotations
 
 import hashlib
-import re
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,37 +32,91 @@ from fedllm.deploy.kit_secret import secret_data, secret_manifest
 from fedllm.errors import FedllmError
 from fedllm.files import read_yaml, write_atomic
 
-CHART_DIR = Path(__file__).resolve().parents[2] / "charts" / "fedllm-federation"
-SITE_NAME_MAX = 40  # leaves room for "<release>-" and suffixes within 63-character names
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-ADMIN_NAME = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")
-HOST_NAME = re.compile(r"^(([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.)*([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9\-]*[A-Za-z0-9])$")
-PROJECT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
-ORG_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+# The chart's values.yaml and values.schema.json, shipped with the package so an installed
+# fedllm (the image) reads the same contract as a checkout; tests/test_provision_kits.py
+# checks they are byte-equal to charts/fedllm-federation's. Pass chart_dir for another chart.
+PACKAGED_CHART = Path(__file__).resolve().with_name("chart")
+RESOURCE_NAME_MAX = 63  # Kubernetes' limit on the Service names the chart derives (<fullname>-<name>)
 
 
-def load_values(values_path: str | Path, chart_dir: Path = CHART_DIR) -> dict:
-    """The chart's default values overlaid with ``values_path``, as Helm merges them."""
+def chart_files(chart_dir: Path = PACKAGED_CHART) -> tuple[dict, dict]:
+    """The chart's default values and its values schema; a missing file is an error naming it."""
+    chart_dir = Path(chart_dir)
+    values_file, schema_file = chart_dir / "values.yaml", chart_dir / "values.schema.json"
+    for f in (values_file, schema_file):
+        if not f.is_file():
+            raise FedllmError(f"{f}: not found; provisioning needs the chart's values.yaml and values.schema.json")
+    defaults = read_yaml(values_file) or {}
+    if not isinstance(defaults, dict):
+        raise FedllmError(f"{values_file}: a values file is a YAML mapping, got {type(defaults).__name__}")
+    try:
+        schema = json.loads(schema_file.read_text())
+    except json.JSONDecodeError as e:
+        raise FedllmError(f"{schema_file}:{e.lineno}: invalid JSON: {e.msg}") from None
+    return defaults, schema
+
+
+def load_values(values_path: str | Path, chart_dir: Optional[Path] = None) -> dict:
+    """The chart's default values overlaid with ``values_path``, as Helm merges them, and
+    checked against the chart's ``values.schema.json`` as ``helm install`` checks them.
+
+    ``chart_dir`` is the chart whose ``values.yaml`` and ``values.schema.json`` apply
+    (default: the copies packaged with fedllm). Raises FedllmError naming the values file
+    and the field, e.g. ``values.yaml: sites[1].name: 'Site_A' does not match '^[a-z0-9]...'``.
+    """
     path = Path(values_path)
     if not path.is_file():
         raise FedllmError(f"{path}: values file not found; pass the file you give to `helm install -f`")
     user = read_yaml(path) or {}
     if not isinstance(user, dict):
         raise FedllmError(f"{path}: a values file is a YAML mapping, got {type(user).__name__}")
-    defaults_file = chart_dir / "values.yaml"
-    defaults = yaml.safe_load(defaults_file.read_text()) if defaults_file.is_file() else {}
-    return _merge(defaults, user)
+    chart = PACKAGED_CHART if chart_dir is None else Path(chart_dir)
+    defaults, schema = chart_files(chart)
+    values = _merge(defaults, user)
+    _validate(values, schema, source=str(path), schema_file=chart / "values.schema.json")
+    return values
 
 
 def _merge(base: dict, over: dict) -> dict:
-    # Helm replaces lists and merges maps; `sites` therefore comes wholly from the user.
+    # Helm replaces lists, merges maps, and drops a default the user sets to null;
+    # `sites` therefore comes wholly from the user.
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None and key in base:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
     return out
+
+
+def _validate(values: dict, schema: dict, source: str, schema_file: Path) -> None:
+    from jsonschema.exceptions import SchemaError
+    from jsonschema.validators import validator_for
+
+    validator_class = validator_for(schema, default=None)
+    if validator_class is None:
+        raise FedllmError(f"{schema_file}: $schema {schema.get('$schema')!r} is no JSON Schema draft that jsonschema knows")
+    try:
+        validator_class.check_schema(schema)
+    except SchemaError as e:
+        raise FedllmError(f"{schema_file}: not a valid JSON Schema: {e.message}") from None
+    errors = list(validator_class(schema).iter_errors(values))
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise FedllmError(_schema_error(errors[0], source) + more)
+
+
+def _schema_error(error, source: str) -> str:
+    """One line: the values file, the field (``sites[1].name``), jsonschema's message, and
+    the schema's description of what is accepted there."""
+    field = ""
+    for part in error.absolute_path:
+        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+    line = f"{source}: {field}: {error.message}" if field else f"{source}: {error.message}"
+    description = error.schema.get("description") if isinstance(error.schema, dict) else None
+    return f"{line} ({description})" if description else line
 
 
 def fullname(values: dict, release: str) -> str:
@@ -69,89 +125,60 @@ def fullname(values: dict, release: str) -> str:
 
 
 def participants(values: dict, release: str, source: str = "values") -> dict:
-    """Validated participants: {server, sites, admin, project, org, host, fl_port, admin_port}.
+    """The participants of values ``load_values`` returned (merged and schema-valid):
+    {project, org, server, host, additional_hosts, fl_port, admin_port, sites, admin}.
 
-    Raises FedllmError naming the field (``sites[2].name``) and what is accepted.
+    Checks only what the schema cannot say, across fields: two ports, unique names, and
+    names that still fit Kubernetes once the chart prefixes them with the release.
+    Raises FedllmError naming the field.
     """
-    project = values.get("project") or {}
-    project_name = str(project.get("name", "fedllm"))
-    if not PROJECT_NAME.match(project_name):
-        raise FedllmError(f"{source}: project.name {project_name!r} must be 1-63 letters, digits, '-' or '_'")
-    org = str(project.get("org", "fedllm"))
-    if not ORG_NAME.match(org):
-        raise FedllmError(f"{source}: project.org {org!r} must be letters, digits or '_' (NVFlare's org rule)")
-
-    server = values.get("server") or {}
-    server_name = server.get("name") or "server"
-    if not isinstance(server_name, str) or not DNS_LABEL.match(server_name) or len(server_name) > SITE_NAME_MAX:
-        raise FedllmError(
-            f"{source}: server.name {server_name!r} must be a DNS-1123 label (lowercase letters, digits, '-'), "
-            f"at most {SITE_NAME_MAX} characters"
-        )
-    fl_port = _port(server.get("flPort", 8002), "server.flPort", source)
-    admin_port = _port(server.get("adminPort", 8003), "server.adminPort", source)
+    project, server, admin = values["project"], values["server"], values["admin"]
+    prefix = fullname(values, release)
+    server_name = server["name"]
+    fl_port, admin_port = server["flPort"], server["adminPort"]
     if fl_port == admin_port:
         raise FedllmError(f"{source}: server.flPort and server.adminPort are both {fl_port}; use two ports")
 
-    enabled = server.get("enabled", True)
-    remote = server.get("remoteAddress") or ""
-    host = server.get("host") or f"{fullname(values, release)}-server"
-    if not enabled:
+    if server["enabled"]:
+        host = server.get("host") or f"{prefix}-server"
+        _fits(f"{prefix}-server", "the server", source)
+    else:
         # A site-only install dials a server outside this release: the kits must say where.
-        if not remote:
-            raise FedllmError(f"{source}: server.remoteAddress is required when server.enabled is false (host:port)")
-        remote_host, _, remote_port = str(remote).rpartition(":")
-        if not remote_host or not remote_port.isdigit():
-            raise FedllmError(f"{source}: server.remoteAddress {remote!r} must be host:port, e.g. fl.example.com:8002")
-        host = remote_host
-        fl_port = _port(int(remote_port), "server.remoteAddress", source)
-    if not HOST_NAME.match(host):
-        raise FedllmError(f"{source}: server.host {host!r} is not a DNS name")
+        host, _, remote_port = server["remoteAddress"].rpartition(":")
+        fl_port = int(remote_port)
     extra_hosts = list(server.get("additionalHosts") or [])
-    for i, h in enumerate(extra_hosts):
-        if not isinstance(h, str) or not HOST_NAME.match(h):
-            raise FedllmError(f"{source}: server.additionalHosts[{i}] {h!r} is not a DNS name")
 
-    sites = values.get("sites")
-    if not isinstance(sites, list) or not sites:
-        raise FedllmError(f"{source}: sites must list at least one site, e.g. sites: [{{name: site-1}}]")
     site_names: list[str] = []
-    for i, site in enumerate(sites):
-        if not isinstance(site, dict) or "name" not in site:
-            raise FedllmError(f"{source}: sites[{i}] needs a name, e.g. {{name: site-{i + 1}}}")
+    for i, site in enumerate(values["sites"]):
         name = site["name"]
-        if not isinstance(name, str) or not DNS_LABEL.match(name) or len(name) > SITE_NAME_MAX:
-            raise FedllmError(
-                f"{source}: sites[{i}].name {name!r} must be a DNS-1123 label (lowercase letters, digits, '-', "
-                f"starting and ending alphanumeric), at most {SITE_NAME_MAX} characters"
-            )
         if name in site_names:
             raise FedllmError(f"{source}: sites[{i}].name {name!r} repeats sites[{site_names.index(name)}].name")
         if name in (server_name, "admin"):
             raise FedllmError(f"{source}: sites[{i}].name {name!r} is taken by the server or the admin kit")
+        _fits(f"{prefix}-{name}", f"sites[{i}].name {name!r}", source)
         site_names.append(name)
 
-    admin = (values.get("admin") or {}).get("name") or "admin@fedllm.io"
-    if not ADMIN_NAME.match(admin):
-        raise FedllmError(f"{source}: admin.name {admin!r} must be an e-mail address (NVFlare's rule for admin users)")
-
     return {
-        "project": project_name,
-        "org": org,
+        "project": project["name"],
+        "org": project["org"],
         "server": server_name,
         "host": host,
         "additional_hosts": extra_hosts,
         "fl_port": fl_port,
         "admin_port": admin_port,
         "sites": site_names,
-        "admin": admin,
+        "admin": admin["name"],
     }
 
 
-def _port(value: Any, field: str, source: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-        raise FedllmError(f"{source}: {field} {value!r} must be a port number 1-65535")
-    return value
+def _fits(resource_name: str, what: str, source: str) -> None:
+    # The chart names the Deployment and Service `<fullname>-<name>` and truncates at 63:
+    # a longer name would be cut, and the kits would name a host that does not exist.
+    if len(resource_name) > RESOURCE_NAME_MAX:
+        raise FedllmError(
+            f"{source}: {what}: the chart names its objects {resource_name!r}, {len(resource_name)} characters, "
+            f"over Kubernetes' {RESOURCE_NAME_MAX}; shorten the name, the release name or fullnameOverride"
+        )
 
 
 def project_yml(p: dict) -> dict:
@@ -241,13 +268,14 @@ def provision(
     """Provision the federation the values file describes; write kits and Secrets to ``out_dir``.
 
     ``release`` is the Helm release name the Secrets are named for
-    (``<release>-<participant>-startup-kit`` unless the values name them).
+    (``<release>-<participant>-startup-kit`` unless the values name them); ``chart_dir``
+    is the chart whose defaults and schema apply (default: the copies packaged with fedllm).
 
     Returns ``{"project_yml", "kits": {participant: dir}, "secrets": {participant: file},
     "secret_names": {participant: name}, "provisioned_values", "root_ca_sha256",
     "server_target", "admin_name"}`` where participant is "server", each site name, and "admin".
     """
-    values = load_values(values_path, chart_dir or CHART_DIR)
+    values = load_values(values_path, chart_dir)
     p = participants(values, release, source=str(values_path))
     out = Path(out_dir)
     (out / "secrets").mkdir(parents=True, exist_ok=True)
