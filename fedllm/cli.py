@@ -48,7 +48,12 @@ def cmd_federate(args) -> int:
             run = prepare_run(cfg, run, store=args.store)
     elif not (run / "data" / "partition.json").is_file() or args.set or args.reprepare:
         run = prepare_run(cfg, run, store=args.store)
-    result = run_federation(run, resume=args.resume, store=args.store)
+    if args.submit:  # the same job, on the running federation the admin kit logs in to
+        from fedllm.federation.submit import submit_federation
+
+        result = submit_federation(run, args.submit, resume=args.resume, store=args.store, timeout_s=args.timeout)
+    else:
+        result = run_federation(run, resume=args.resume, store=args.store)
     print(f"fedavg: val_loss {result['val_loss']:.4f} after {len(result['time_per_round_s'])} rounds "
           f"({result['job_seconds']:.1f} s); global models in {run}/federation/rounds")
     return 0
@@ -197,9 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_partition)
 
-    p = sub.add_parser("federate", help="run the FedAvg federation in NVFlare's simulator")
+    p = sub.add_parser("federate", help="run the FedAvg federation in NVFlare's simulator, or on a running federation (--submit)")
     _config_args(p)
     p.add_argument("--reprepare", action="store_true", help="rebuild partitions and base model even if present")
+    p.add_argument("--submit", metavar="ADMIN_KIT", help="run the job on the running federation (Helm chart, POC) this admin startup "
+                   "kit logs in to (a kit dir, or the admin Secret mounted as files), not in the simulator; its server and "
+                   "sites must see the run dir at the same path; --store is used as given and needs the server's credentials")
+    p.add_argument("--timeout", type=float, default=0, metavar="SECONDS", help="with --submit: abort the job after this long (default: no limit)")
     _store_args(p)
     p.set_defaults(func=cmd_federate)
 

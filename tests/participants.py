@@ -5,17 +5,24 @@
     procs.start("server", mount_secret(kits["secrets"]["server"], tmp_path / "mounts" / "server"))
     ...
     procs.stop_all()  # every process group, NVFlare's job workers included
+
+or a whole federation, provisioned on free localhost ports and stopped on exit:
+
+    with running_federation(tmp_path, ["site-1", "site-2"]) as fed:
+        ...  # fed.admin_kit: the admin Secret mounted as files; fed.kits, fed.procs, fed.values
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -76,3 +83,33 @@ class Participants:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@dataclass
+class Federation:
+    values: dict  # the chart values it was provisioned from
+    kits: dict  # fedllm.deploy.provision's result: secrets, admin_name, root_ca_sha256, ...
+    procs: Participants
+    admin_kit: Path  # the admin Secret, mounted as files
+
+
+@contextlib.contextmanager
+def running_federation(root: Path, sites: list[str]):
+    """A production-mode federation on localhost: a server on free ports, ``sites`` and an
+    admin provisioned by ``fedllm.deploy.provision``; the server and sites run from their kits
+    mounted as Secrets, every link gRPC over mutual TLS. Everything is stopped on exit."""
+    from fedllm.deploy.provision import provision
+
+    values = {
+        "server": {"host": "localhost", "flPort": free_port(), "adminPort": free_port()},
+        "sites": [{"name": s} for s in sites],
+    }
+    (root / "values.yaml").write_text(yaml.safe_dump(values))
+    kits = provision(root / "values.yaml", root / "kits")
+    procs = Participants(root)
+    try:
+        for name in ["server", *sites]:
+            procs.start(name, mount_secret(kits["secrets"][name], root / "mounts" / name))
+        yield Federation(values, kits, procs, mount_secret(kits["secrets"]["admin"], root / "mounts" / "admin"))
+    finally:
+        procs.stop_all()

@@ -5,18 +5,22 @@ The server and two sites run as separate processes from the startup kits that
 (``python -m fedllm.deploy.participant``). All links are NVFlare's gRPC over mutual
 TLS. The admin kit logs in through ``nvflare.fuel.flare_api``, submits a tiny FedAvg
 fedllm LoRA job on real data and checks every round's global adapter; then a site holding a kit from a different
-provisioning tries to join and must never register.
+provisioning tries to join and must never register. On the same federation, ``fedllm federate CONFIG --submit
+ADMIN_KIT`` runs the same job and writes the settings/fedavg.json a simulator run of the config writes.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from participants import Participants, free_port, mount_secret
+from participants import mount_secret, running_federation
 
 from conftest import TINY_CONFIG, TINY_RUN
 from fedllm.config import load_config
@@ -30,6 +34,14 @@ from fedllm.run import prepare_run
 pytestmark = pytest.mark.federation
 
 ROUNDS = 2
+# A tiny fedllm LoRA job on real data, IID over the federation's two sites.
+LORA_JOB = TINY_RUN + [
+    "method.name=lora",
+    f"federation.rounds={ROUNDS}",
+    "data.sources=[{name: dolly, format: dolly, path: dolly_15k, max_records: 120}]",
+    "data.partition.strategy=iid",
+    "data.partition.num_sites=2",
+]
 
 
 def registered_sites(session) -> set[str]:
@@ -47,37 +59,24 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture
-def federation(tmp_path):
-    fl_port, admin_port = free_port(), free_port()
-    values = {
-        "server": {"host": "localhost", "flPort": fl_port, "adminPort": admin_port},
-        "sites": [{"name": "site-1"}, {"name": "site-2"}],
-    }
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump(values))
-    good = provision(values_file, tmp_path / "kits")
-
-    # Same server address, but its own root CA: what a stale or forged Secret looks like.
-    foreign_values = tmp_path / "foreign-values.yaml"
-    foreign_values.write_text(yaml.safe_dump({**values, "sites": [{"name": "site-3"}]}))
-    foreign = provision(foreign_values, tmp_path / "foreign-kits")
-    assert foreign["root_ca_sha256"] != good["root_ca_sha256"]
-
-    procs = Participants(tmp_path)
-    try:
-        for name in ("server", "site-1", "site-2"):
-            procs.start(name, mount_secret(good["secrets"][name], tmp_path / "mounts" / name))
-        yield good, foreign, procs, tmp_path
-    finally:
-        procs.stop_all()
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """One federation for this module's tests (each job in a run dir of its own)."""
+    root = tmp_path_factory.mktemp("federation")
+    with running_federation(root, ["site-1", "site-2"]) as fed:
+        # Same server address, but its own root CA: what a stale or forged Secret looks like.
+        foreign_values = root / "foreign-values.yaml"
+        foreign_values.write_text(yaml.safe_dump({**fed.values, "sites": [{"name": "site-3"}]}))
+        foreign = provision(foreign_values, root / "foreign-kits")
+        assert foreign["root_ca_sha256"] != fed.kits["root_ca_sha256"]
+        yield fed, foreign
 
 
-def test_federation_trains_over_mtls_and_refuses_a_foreign_kit(federation):
+def test_federation_trains_over_mtls_and_refuses_a_foreign_kit(federation, tmp_path):
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-    good, foreign, procs, tmp_path = federation
-    admin_kit = mount_secret(good["secrets"]["admin"], tmp_path / "mounts" / "admin-flat")
+    fed, foreign = federation
+    good, procs, admin_kit = fed.kits, fed.procs, fed.admin_kit
     # flare_api reads an NVFlare kit layout (startup/ ...): lay the admin Secret out as one.
     admin_dir = tmp_path / "admin"
     (admin_dir / "startup").mkdir(parents=True)
@@ -94,13 +93,7 @@ def test_federation_trains_over_mtls_and_refuses_a_foreign_kit(federation):
 
         # A tiny fedllm LoRA job on real data, as `fedllm federate` builds it; both sites
         # and the server read the prepared run dir (one machine here, a volume on K8s).
-        cfg = load_config(TINY_CONFIG, TINY_RUN + [
-            "method.name=lora",
-            f"federation.rounds={ROUNDS}",
-            "data.sources=[{name: dolly, format: dolly, path: dolly_15k, max_records: 120}]",
-            "data.partition.strategy=iid",
-            "data.partition.num_sites=2",
-        ])
+        cfg = load_config(TINY_CONFIG, LORA_JOB)
         run = prepare_run(cfg, tmp_path / "run")
         assert load_partitions(run / "data").sites == ["site-1", "site-2"]
         recipe = build_recipe(cfg, run, ["site-1", "site-2"])
@@ -135,3 +128,43 @@ def _try_session(new_secure_session, username: str, admin_dir: Path):
         return new_secure_session(username, str(admin_dir), timeout=10)
     except Exception:
         return None
+
+
+def test_fedllm_federate_submit_runs_the_job_there_and_summarizes_it_as_the_simulator(federation, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """`fedllm federate CONFIG --submit ADMIN_KIT --out RUN`: the admin Secret as mounted,
+    the job on this federation, and the settings/fedavg.json a simulator run writes."""
+    from fedllm.cli import main
+    from fedllm.federation.submit import SITE_PYTHON_ENV
+
+    fed, _ = federation
+    monkeypatch.setenv(SITE_PYTHON_ENV, sys.executable)  # this federation's sites run this environment
+    sets = [arg for override in LORA_JOB for arg in ("--set", override)]
+    submitted_run, simulated_run = tmp_path / "submitted", tmp_path / "simulated"
+
+    assert main(["federate", str(TINY_CONFIG), *sets, "--out", str(submitted_run),
+                 "--submit", str(fed.admin_kit), "--timeout", "240"]) == 0
+    out = capsys.readouterr().out
+    assert "submitted job" in out and "FINISHED:COMPLETED" in out, out
+    assert f"round {ROUNDS}/{ROUNDS}: global model saved" in out
+    for site in ("site-1", "site-2"):
+        assert f"site {site} round {ROUNDS}/{ROUNDS}" in out
+    assert "fedavg: val_loss" in out
+
+    assert main(["federate", str(TINY_CONFIG), *sets, "--out", str(simulated_run)]) == 0
+
+    submitted = json.loads((submitted_run / "settings" / "fedavg.json").read_text())
+    simulated = json.loads((simulated_run / "settings" / "fedavg.json").read_text())
+    assert set(submitted) == set(simulated)
+    assert submitted["kind"] == "federated" and math.isfinite(submitted["val_loss"]) and submitted["val_loss"] > 0
+    for key in ("kind", "steps", "steps_per_round"):
+        assert submitted[key] == simulated[key], key
+    assert [r["round"] for r in submitted["rounds"]] == [r["round"] for r in simulated["rounds"]] == list(range(1, ROUNDS + 1))
+    assert len(submitted["time_per_round_s"]) == ROUNDS and all(s > 0 for s in submitted["time_per_round_s"])
+    # The same seeds, data and order-independent aggregation: the same global models.
+    assert [step for step, _ in submitted["val_loss_curve"]] == [step for step, _ in simulated["val_loss_curve"]]
+    assert [loss for _, loss in submitted["val_loss_curve"]] == pytest.approx([loss for _, loss in simulated["val_loss_curve"]], rel=1e-3)
+    assert set(submitted["site_curves"]) == set(simulated["site_curves"]) == {"site-1", "site-2"}
+    assert submitted["bytes_per_round"] == simulated["bytes_per_round"]  # the same adapter, each round
+    assert submitted["job_seconds"] > 0 and submitted["best_round"] in range(1, ROUNDS + 1)
+    assert (submitted_run / submitted["adapter_dir"]).is_dir()

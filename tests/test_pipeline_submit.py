@@ -14,10 +14,8 @@ import json
 import sys
 
 import pytest
-import yaml
-from participants import Participants, free_port, mount_secret
+from participants import running_federation
 
-from fedllm.deploy.provision import provision
 from fedllm.pipeline.steps import federate_step
 from fedllm.run import prepare_run
 
@@ -43,25 +41,14 @@ TINY_LORA = [
 
 @pytest.fixture
 def federation(tmp_path):
-    values = {
-        "server": {"host": "localhost", "flPort": free_port(), "adminPort": free_port()},
-        "sites": [{"name": s} for s in SITES],
-    }
-    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
-    kits = provision(tmp_path / "values.yaml", tmp_path / "kits")
-    procs = Participants(tmp_path)
-    try:
-        for name in ["server", *SITES]:
-            procs.start(name, mount_secret(kits["secrets"][name], tmp_path / "mounts" / name))
-        yield mount_secret(kits["secrets"]["admin"], tmp_path / "mounts" / "admin"), procs
-    finally:
-        procs.stop_all()
+    with running_federation(tmp_path, SITES) as fed:
+        yield fed.admin_kit, fed.procs
 
 
 def test_submit_mode_runs_the_job_on_the_federation_and_reads_the_result_back(federation, tmp_path, shared_data, capsys,
                                                                                monkeypatch):
     from fedllm.config import load_config
-    from fedllm.pipeline.submit_job import SITE_PYTHON_ENV, site_python
+    from fedllm.federation.submit import SITE_PYTHON_ENV, site_python
     from conftest import TINY_CONFIG
 
     assert site_python() == "python3"  # the fedllm image's interpreter
@@ -104,7 +91,7 @@ def test_submit_mode_runs_the_real_model_from_its_gguf_file(federation, tmp_path
     it, and the federation's server and sites load the run's HF base folder."""
     from fedllm.config import load_config
     from fedllm.errors import FedllmError
-    from fedllm.pipeline.submit_job import SITE_PYTHON_ENV
+    from fedllm.federation.submit import SITE_PYTHON_ENV
     from fedllm.train.gguf import SMOLLM2_SOURCE, locate_gguf
     from conftest import DEMO_CONFIG
 
@@ -152,9 +139,9 @@ class _RegisteringServer:
 
 def test_waiting_for_sites_outlasts_a_server_with_no_site_yet(monkeypatch):
     from fedllm.errors import FedllmError
-    from fedllm.pipeline import submit_job
+    from fedllm.federation import submit
 
-    monkeypatch.setattr(submit_job.time, "sleep", lambda s: None)
-    submit_job.wait_for_sites(_RegisteringServer([None, None, ["site-1"], ["site-1", "site-2"]]), ["site-1", "site-2"], 60)
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    submit.wait_for_sites(_RegisteringServer([None, None, ["site-1"], ["site-1", "site-2"]]), ["site-1", "site-2"], 60)
     with pytest.raises(FedllmError, match=r"site\(s\) site-2 of this run not registered after 0 s \(registered: none\)"):
-        submit_job.wait_for_sites(_RegisteringServer([None]), ["site-2"], 0)
+        submit.wait_for_sites(_RegisteringServer([None]), ["site-2"], 0)

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from fedllm import events
 from fedllm.config import ExperimentConfig
@@ -230,7 +230,8 @@ def load_global_module(cfg: ExperimentConfig, run_dir: str | os.PathLike, round_
 
 
 def federate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: Optional[list[str]] = None,
-             resume: bool = False, store: Optional[str] = None) -> dict:
+             resume: bool = False, store: Optional[str] = None,
+             runner: Optional[Callable[..., float]] = None) -> dict:
     """Run FedAvg over the run's sites and return the ``fedavg`` summary entry.
 
     The final global model is exported to ``<run>/models/fedavg`` and scored
@@ -239,6 +240,9 @@ def federate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: Optional[
     ``resume``: continue from the last round persisted for this config (in the
     store when given, else in ``federation/rounds``), checked by its manifest;
     persisted rounds are not run again. Without it the federation starts over.
+    ``runner``: runs the job, ``runner(cfg, run_dir, sites, start_round=, store=)`` → its wall
+    seconds; default ``simulate`` (NVFlare's simulator), or a running federation's
+    (``fedllm.federation.submit.run_on_federation``).
     """
     from fedllm import artifacts
     from fedllm.data import load_partitions
@@ -260,7 +264,8 @@ def federate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: Optional[
         shutil.rmtree(checkpoints, ignore_errors=True)
         artifacts.clear_rounds(store)
 
-    seconds = simulate(cfg, run_dir, sites, start_round=start, store=store or "") if start < cfg.federation.rounds else 0.0
+    run_job = runner or simulate
+    seconds = run_job(cfg, run_dir, sites, start_round=start, store=store or "") if start < cfg.federation.rounds else 0.0
     return finish_federation(cfg, run_dir, sites, seconds, store)
 
 

@@ -118,7 +118,7 @@ def federate_step(
             shutil.rmtree(work, ignore_errors=True)
         return result
 
-    from fedllm.pipeline.submit_job import submit_federation
+    from fedllm.federation.submit import submit_federation
 
     if not admin_kit:
         raise FedllmError("federate (submit mode): no admin startup kit; mount the admin kit Secret (pipeline parameter 'admin_kit_secret')")
