@@ -161,39 +161,6 @@ def cmd_logs(args) -> int:
     return follow_logs(args.release, namespace=args.namespace, follow=not args.no_follow, since=args.since)
 
 
-def _pipeline_params(items: list[str]) -> dict:
-    import yaml
-
-    params = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise FedllmError(f"--param {item!r}: expected NAME=VALUE, e.g. federation_mode=submit")
-        params[key.strip()] = yaml.safe_load(value) if value else ""
-    return params
-
-
-def cmd_pipeline(args) -> int:
-    if args.action == "compile":
-        from fedllm.pipeline.build import compile_pipeline, load_placement
-
-        placement = load_placement(args.placement) if args.placement else None
-        print(compile_pipeline(args.out, image=args.image, placement=placement))
-    elif args.action == "run":
-        if not args.local:
-            raise FedllmError("fedllm pipeline run: only --local runs here; start a cluster run with `fedllm pipeline submit CONFIG --host URL`")
-        from fedllm.pipeline.local_run import run_local
-
-        run = run_local(args.config, args.set, args.root, args.pipeline, **_pipeline_params(args.param))
-        print(f"summary: {run / 'summary.json'}\nreport:  {run / 'report' / 'index.html'}")
-    else:
-        from fedllm.pipeline.kubeflow_run import submit_run
-
-        run_id, link = submit_run(args.config, args.host, args.set, args.pipeline, args.experiment, args.namespace, **_pipeline_params(args.param))
-        print(f"run {run_id}: {link}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedllm", description="Federated fine-tuning of LLMs with NVIDIA FLARE.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,27 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="where it goes, e.g. s3://models/tiny-llama")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="recorded in the manifest (repeatable)")
     p.set_defaults(func=cmd_bundle)
-
-    from fedllm.pipeline.build import COMPILED
-
-    p = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it locally (kfp.local), or start a run on a cluster")
-    actions = p.add_subparsers(dest="action", required=True)
-    a = actions.add_parser("compile", help="write the compiled pipeline YAML")
-    a.add_argument("--out", default=str(COMPILED), help="output file (default: the committed pipelines/federated_finetune.yaml)")
-    a.add_argument("--image", help="image every step runs (default: ghcr.io/fedllm/fedllm:<version>)")
-    a.add_argument("--placement", help="YAML of per-step GPUs, node selectors, tolerations, e.g. {federate: {gpus: 4}}")
-    for name, text in (("run", "run every step here with kfp.local (--local)"), ("submit", "start a run on Kubeflow Pipelines; prints its UI link")):
-        a = actions.add_parser(name, help=text)
-        a.add_argument("config", help="experiment config (YAML); for submit also an s3:// URI")
-        a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
-        a.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="another pipeline parameter, e.g. federation_mode=submit (repeatable)")
-        a.add_argument("--pipeline", default=str(COMPILED), help="compiled pipeline YAML")
-    actions.choices["run"].add_argument("--local", action="store_true", help="run on this machine (the only place `run` runs)")
-    actions.choices["run"].add_argument("--root", default="runs/pipeline", help="where every step's artifacts go")
-    actions.choices["submit"].add_argument("--host", required=True, help="Kubeflow Pipelines API, e.g. http://localhost:8080")
-    actions.choices["submit"].add_argument("--namespace", help="Kubeflow profile namespace")
-    actions.choices["submit"].add_argument("--experiment", default="fedllm", help="experiment the run is filed under")
-    p.set_defaults(func=cmd_pipeline)
     return parser
 
 

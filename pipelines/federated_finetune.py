@@ -10,7 +10,7 @@ parameters are the experiment config (YAML text, or an s3:// URI of it) plus
 ``--set``-style overrides, the federation mode and where submit mode finds the
 admin kit and the shared run folder. Where each step runs (GPUs, node
 selectors, tolerations) and the image are fixed when the pipeline is compiled:
-``build_pipeline(image, placement)``, ``fedllm pipeline compile``.
+``build_pipeline(image, placement)``, ``python -m pipelines compile``.
 
 The compiled form is committed next to this file as ``federated_finetune.yaml``.
 """

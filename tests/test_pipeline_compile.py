@@ -7,13 +7,17 @@ mode mounts the admin kit Secret, and that per-step placement reaches the pods.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import REPO
 from fedllm.errors import FedllmError
-from fedllm.pipeline.build import COMPILED, compile_pipeline, load_placement, pipeline_module
+from pipelines import federated_finetune
+from pipelines.build import COMPILED, compile_pipeline, load_placement
 
 GPU = "nvidia.com/gpu"
 
@@ -44,8 +48,32 @@ def tasks_of(spec: dict, component_prefix: str) -> dict[str, tuple[str, dict]]:
 def test_the_committed_pipeline_is_the_compiled_source(tmp_path):
     fresh = compile_pipeline(tmp_path / "pipeline.yaml")
     assert fresh.read_text() == COMPILED.read_text(), (
-        f"{COMPILED} is stale: run `fedllm pipeline compile` and commit it"
+        f"{COMPILED} is stale: run `python -m pipelines compile` and commit it"
     )
+
+
+def pipelines_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m pipelines ...`` as a user runs it: from the checkout."""
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_python_m_pipelines_compile_writes_the_committed_pipeline(tmp_path):
+    done = pipelines_cli("compile", "--out", str(tmp_path / "pipeline.yaml"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(tmp_path / "pipeline.yaml")
+    assert (tmp_path / "pipeline.yaml").read_text() == COMPILED.read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compile", "--placement", "no-such-placement.yaml"], "error: no-such-placement.yaml: placement file not found"),
+    (["run", "configs/tiny.yaml"], "error: python -m pipelines run: only --local runs here"),
+    (["run", "--local", "no-such-config.yaml"], "error: no-such-config.yaml: config file not found"),
+    (["submit", "no-such-config.yaml", "--host", "http://localhost:1"], "error: no-such-config.yaml: config file not found"),
+])
+def test_python_m_pipelines_fails_with_one_line_and_status_2(args, message):
+    done = pipelines_cli(*args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_federate_and_every_training_and_evaluation_request_a_gpu():
@@ -57,7 +85,7 @@ def test_federate_and_every_training_and_evaluation_request_a_gpu():
     assert accelerator["resourceType"] == GPU and accelerator["resourceCount"] == "1"
     # Submit mode logs in with the admin kit Secret; optional, as the simulator never reads it.
     (mount,) = platform[spec["components"][federate["componentRef"]["name"]]["executorLabel"]]["secretAsVolume"]
-    assert mount["mountPath"] == pipeline_module().ADMIN_KIT_MOUNT and mount["optional"] is True
+    assert mount["mountPath"] == federated_finetune.ADMIN_KIT_MOUNT and mount["optional"] is True
     assert mount["secretNameParameter"]["componentInputParameter"] == "admin_kit_secret"
 
     for name, (_, task) in {**tasks_of(spec, "evaluate"), **tasks_of(spec, "train")}.items():

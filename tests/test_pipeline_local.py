@@ -27,7 +27,7 @@ TINY_DEMO = [o for o in TINY_RUN if not o.startswith("evaluation.")] + [
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, shared_data):
-    from fedllm.pipeline.local_run import run_local
+    from pipelines.local_run import run_local
 
     root = tmp_path_factory.mktemp("pipeline-root")
     return run_local(TINY_CONFIG, TINY_DEMO, root), root
@@ -111,7 +111,7 @@ def test_the_pipeline_runs_the_real_model_from_its_gguf_file(tmp_path, shared_da
     the partition step converts it, the others load the run's HF base folder; the run
     dir keeps the contract, task metric and zero-shot scores included."""
     from fedllm.errors import FedllmError
-    from fedllm.pipeline.local_run import run_local
+    from pipelines.local_run import run_local
     from fedllm.train.gguf import SMOLLM2_SOURCE, locate_gguf
     from conftest import DEMO_CONFIG
 

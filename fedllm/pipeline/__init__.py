@@ -1,4 +1,5 @@
-"""The Kubeflow face of fedllm: what the pipeline's components call (``steps``),
-compiling the pipeline (``build``), running it locally with kfp.local
-(``local_run``) or on a cluster (``kubeflow_run``), and submit mode's job
-submission to a running federation (``fedllm.federation.submit``, beside the simulator)."""
+"""What the Kubeflow pipeline's components call (``steps``, in a step's
+``workspace``); submit mode's job submission to a running federation is
+``fedllm.federation.submit``, beside the simulator. Compiling, running and
+submitting the pipeline itself is the source tree's ``pipelines/`` (``python -m pipelines``); the library imports none
+of it."""

@@ -1,4 +1,4 @@
-"""``fedllm pipeline submit``: start a run of the compiled pipeline on a Kubeflow cluster."""
+"""``python -m pipelines submit``: start a run of the compiled pipeline on a Kubeflow cluster."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fedllm.errors import FedllmError
-from fedllm.pipeline.build import COMPILED
+from pipelines import COMPILED
 
 
 def submit_run(
@@ -39,7 +39,7 @@ def submit_run(
     else:
         raise FedllmError(f"{config}: config file not found (give a YAML file or an s3:// URI)")
     if not Path(pipeline_yaml).is_file():
-        raise FedllmError(f"{pipeline_yaml}: compiled pipeline not found (run `fedllm pipeline compile`)")
+        raise FedllmError(f"{pipeline_yaml}: compiled pipeline not found (run `python -m pipelines compile`)")
     client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token, ui_host=host)
     try:
         result = client.create_run_from_pipeline_package(

@@ -1,4 +1,4 @@
-"""``fedllm pipeline run --local``: the compiled pipeline, every step a local process.
+"""``python -m pipelines run --local``: the compiled pipeline, every step a local process.
 
 kfp.local's SubprocessRunner runs each component of the compiled YAML with this
 Python (the image's role is played by the current environment), in the order and
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedllm.errors import FedllmError
-from fedllm.pipeline.build import COMPILED
+from pipelines import COMPILED
 
 
 def run_local(
@@ -38,7 +38,7 @@ def run_local(
         raise FedllmError(f"{config}: config file not found")
     pipeline_yaml = Path(pipeline_yaml)
     if not pipeline_yaml.is_file():
-        raise FedllmError(f"{pipeline_yaml}: compiled pipeline not found (run `fedllm pipeline compile`)")
+        raise FedllmError(f"{pipeline_yaml}: compiled pipeline not found (run `python -m pipelines compile`)")
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
