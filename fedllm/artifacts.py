@@ -26,22 +26,16 @@ from typing import Optional
 
 from fedllm.errors import FedllmError
 from fedllm.files import write_json_atomic
+from fedllm.rundir import BEST, ROUNDS, TOP_FILES, RunDir, round_key, round_name, round_number_of
 from fedllm.store import MANIFEST_NAME, ObjectNotFound, open_store, redact
 from fedllm.store.manifest import build_manifest, encode_manifest, local_files, parse_manifest, sha256_of_file
 
 STORE_ENV = "FEDLLM_STORE"
-ROUNDS_KEY = "federation/rounds"
-BEST_KEY = "federation/best"
-ROUND_FILE = "exchanged.safetensors"
 
 
 def store_uri_of(store: Optional[str]) -> Optional[str]:
     """The store a run publishes to: ``store`` if given, else ``$FEDLLM_STORE``, else None."""
     return store or os.environ.get(STORE_ENV) or None
-
-
-def round_key(round_number: int) -> str:
-    return f"{ROUNDS_KEY}/round-{round_number:03d}"
 
 
 # -- manifests of local folders ---------------------------------------------------------
@@ -87,25 +81,27 @@ def persisted_rounds(checkpoint_dir: Path, store: Optional[str], config_hash: st
     found = []
     if store:
         s = open_store(store)
-        for key in s.list(ROUNDS_KEY + "/"):
-            name, _, last = key[len(ROUNDS_KEY) + 1:].partition("/")
-            if last == MANIFEST_NAME and name.startswith("round-") and name[6:].isdigit():
-                if s.read_manifest(f"{ROUNDS_KEY}/{name}")["meta"].get("config_hash") == config_hash:
-                    found.append(int(name[6:]))
+        for key in s.list(ROUNDS + "/"):
+            name, _, last = key[len(ROUNDS) + 1:].partition("/")
+            number = round_number_of(name)
+            if last == MANIFEST_NAME and number is not None:
+                if s.read_manifest(round_key(number))["meta"].get("config_hash") == config_hash:
+                    found.append(number)
         return sorted(found)
-    for folder in Path(checkpoint_dir).glob("round-[0-9][0-9][0-9]"):
+    for folder in Path(checkpoint_dir).iterdir() if Path(checkpoint_dir).is_dir() else []:
         manifest = folder / MANIFEST_NAME
-        if manifest.is_file():
+        number = round_number_of(folder.name)
+        if number is not None and folder.name == round_name(number) and manifest.is_file():
             meta = parse_manifest(manifest.read_bytes(), str(manifest))["meta"]
             if meta.get("config_hash") == config_hash:
-                found.append(int(folder.name[6:]))
+                found.append(number)
     return sorted(found)
 
 
 def fetch_round(checkpoint_dir: Path, store: Optional[str], round_number: int) -> Path:
     """The local folder of round ``round_number``, downloaded from the store if given (each
     file checked against the stored manifest), then verified against its manifest."""
-    folder = Path(checkpoint_dir) / f"round-{round_number:03d}"
+    folder = Path(checkpoint_dir) / round_name(round_number)
     if store:
         s = open_store(store)
         key = round_key(round_number)
@@ -124,7 +120,7 @@ def clear_rounds(store: Optional[str]) -> None:
     if not store:
         return
     s = open_store(store)
-    for key in s.list(ROUNDS_KEY + "/") + s.list(BEST_KEY + "/"):
+    for key in s.list(ROUNDS + "/") + s.list(BEST + "/"):
         s.delete(key)
 
 
@@ -132,11 +128,11 @@ def best_of(store: Optional[str], checkpoint_dir: Path) -> Optional[dict]:
     """``{"round", "val_loss"}`` of the best global model so far, or None."""
     if store:
         try:
-            meta = open_store(store).read_manifest(BEST_KEY)["meta"]
+            meta = open_store(store).read_manifest(BEST)["meta"]
         except ObjectNotFound:
             return None
         return {"round": meta["round"], "val_loss": meta["val_loss"]}
-    path = Path(checkpoint_dir).parent / "best.json"
+    path = _best_record(checkpoint_dir)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -147,43 +143,19 @@ def record_best(store: Optional[str], checkpoint_dir: Path, round_number: int, v
     if best is not None and best["val_loss"] <= val_loss:
         return False
     record = {"round": round_number, "val_loss": val_loss, "config_hash": config_hash}
-    folder = Path(checkpoint_dir) / f"round-{round_number:03d}"
+    folder = Path(checkpoint_dir) / round_name(round_number)
     if store:
-        open_store(store).put_dir(folder, BEST_KEY, meta=record)
-    path = Path(checkpoint_dir).parent / "best.json"
-    write_json_atomic(path, record)
+        open_store(store).put_dir(folder, BEST, meta=record)
+    write_json_atomic(_best_record(checkpoint_dir), record)
     return True
 
 
+def _best_record(checkpoint_dir: Path) -> Path:
+    """federation/best.json of the run whose rounds are in ``checkpoint_dir``."""
+    return RunDir(Path(checkpoint_dir).parents[1]).best_record
+
+
 # -- publishing a run's artifacts ---------------------------------------------------------
-
-# What each step leaves, as folders (uploaded with a manifest) and top-level files.
-_TOP_FILES = ("config.yaml", "model.json", "summary.json")
-
-
-def _step_folders(run: Path, what: str) -> list[str]:
-    if what == "prepared":
-        return ["data", "models/base"]
-    if what == "fedavg":
-        return ["settings", "models/fedavg", "events", "tasks"]
-    if what.startswith("setting:fedavg:"):  # a federated variant lives in a run dir of its own
-        variant = "variants/" + what[len("setting:"):].replace(":", "-")
-        return ["settings", f"{variant}/models/fedavg", f"{variant}/events", f"{variant}/tasks"]
-    if what.startswith("setting:"):
-        name = what[len("setting:"):].replace(":", "-")
-        return ["settings", f"models/{name}", "events", "tasks"]
-    if what == "base":
-        return ["settings", "tasks"]
-    if what == "evals":
-        return ["evals"]
-    if what == "summary":
-        return ["settings", "evals", "events", "tasks"]
-    if what == "report":
-        return ["report"]
-    raise FedllmError(
-        f"publish: unknown step {what!r}; expected prepared, base, fedavg, setting:<name>, evals, summary or report"
-    )
-
 
 def publish(run_dir: str | os.PathLike, store: Optional[str], what: str) -> list[str]:
     """Upload what step ``what`` left in ``run_dir`` to ``store`` (see the module docstring),
@@ -191,21 +163,21 @@ def publish(run_dir: str | os.PathLike, store: Optional[str], what: str) -> list
     written. No store: nothing to do. Errors name the store URI with no key in it."""
     if not store:
         return []
-    run = Path(run_dir)
+    layout = RunDir(run_dir)
+    run = layout.root
     s = open_store(store)
     meta = {"run": run.name, "step": what}
-    config = run / "config.yaml"
-    if config.is_file():
+    if layout.config.is_file():
         from fedllm.config import load_config
 
-        meta["config_hash"] = load_config(config).fingerprint()
+        meta["config_hash"] = load_config(layout.config).fingerprint()
     written = []
-    for rel in _step_folders(run, what):
+    for rel in layout.step_folders(what):
         folder = run / rel
         if folder.is_dir() and any(folder.iterdir()):
             s.put_dir(folder, rel, meta=meta)
             written.append(rel)
-    tops = [(run / n, n, sha256_of_file(run / n), (run / n).stat().st_size) for n in _TOP_FILES if (run / n).is_file()]
+    tops = [(run / n, n, sha256_of_file(run / n), (run / n).stat().st_size) for n in TOP_FILES if (run / n).is_file()]
     s.put_files(tops, "", meta)
     written.append("")
     return written

@@ -39,23 +39,25 @@ def cmd_partition(args) -> int:
 
 
 def cmd_federate(args) -> int:
-    from fedllm.run import is_prepared, prepare_run, run_federation
+    from fedllm.run import is_prepared, open_run, prepare, run_federation
+    from fedllm.rundir import RunDir
 
     cfg = _load(args)
-    run = _out_dir(args, cfg)
+    out = _out_dir(args, cfg)
     if args.resume and not args.reprepare:
-        if not is_prepared(cfg, run):
-            run = prepare_run(cfg, run, store=args.store)
-    elif not (run / "data" / "partition.json").is_file() or args.set or args.reprepare:
-        run = prepare_run(cfg, run, store=args.store)
-    if args.submit:  # the same job, on the running federation the admin kit logs in to
-        from fedllm.federation.submit import submit_federation
-
-        result = submit_federation(run, args.submit, resume=args.resume, store=args.store, timeout_s=args.timeout)
+        run = open_run(out, args.store) if is_prepared(cfg, out) else prepare(cfg, out, store=args.store)
+    elif not RunDir(out).partition_marker.is_file() or args.set or args.reprepare:
+        run = prepare(cfg, out, store=args.store)
     else:
-        result = run_federation(run, resume=args.resume, store=args.store)
+        run = open_run(out, args.store)
+    runner = None
+    if args.submit:  # the same job, on the running federation the admin kit logs in to
+        from fedllm.federation.submit import submitter
+
+        runner = submitter(args.submit, timeout_s=args.timeout)
+    result = run_federation(run, resume=args.resume, runner=runner)
     print(f"fedavg: val_loss {result['val_loss']:.4f} after {len(result['time_per_round_s'])} rounds "
-          f"({result['job_seconds']:.1f} s); global models in {run}/federation/rounds")
+          f"({result['job_seconds']:.1f} s); global models in {run.dir.rounds}")
     return 0
 
 
@@ -147,11 +149,11 @@ def cmd_evaluate(args) -> int:
 def cmd_provision(args) -> int:
     from fedllm.deploy.provision import provision
 
-    result = provision(args.values, args.out, release=args.release)
+    result = provision(args.values, args.out, release=args.release, chart_dir=args.chart)
     print(f"startup kits in {args.out}; apply the Secrets with: kubectl apply -n <namespace> -f {args.out}/secrets/")
     for participant, name in result["secret_names"].items():
         print(f"  {participant:20s} {name}")
-    print(f"then: helm install {args.release} charts/fedllm-federation -f {args.values} -f {result['provisioned_values']}")
+    print(f"then: helm install {args.release} {args.chart or 'charts/fedllm-federation'} -f {args.values} -f {result['provisioned_values']}")
     return 0
 
 
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reprepare", action="store_true", help="rebuild partitions and base model even if present")
     p.add_argument("--submit", metavar="ADMIN_KIT", help="run the job on the running federation (Helm chart, POC) this admin startup "
                    "kit logs in to (a kit dir, or the admin Secret mounted as files), not in the simulator; its server and "
-                   "sites must see the run dir at the same path; --store is used as given and needs the server's credentials")
+                   "sites must see the run dir at the same path; the store (--store, $FEDLLM_STORE) receives the server's uploads and needs its credentials")
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS", help="with --submit: abort the job after this long (default: no limit)")
     _store_args(p)
     p.set_defaults(func=cmd_federate)
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("values", help="the chart values file listing the server and sites")
     p.add_argument("-o", "--out", required=True, help="output folder (kits/ and secrets/); keep it private")
     p.add_argument("--release", default="fedllm", help="the Helm release name the Secrets are named for")
+    p.add_argument("--chart", help="the chart whose values.yaml and values.schema.json apply (default: the copy packaged "
+                                   "with fedllm, equal to charts/fedllm-federation)")
     p.set_defaults(func=cmd_provision)
 
     p = sub.add_parser("logs", help="follow every site of a Helm release, each line prefixed with its site")

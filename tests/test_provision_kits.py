@@ -181,6 +181,15 @@ def test_a_missing_chart_file_is_an_error_naming_it(tmp_path):
         provision(values, tmp_path / "out", chart_dir=chart)
 
 
+def test_fedllm_provision_takes_the_chart_from_chart(tmp_path, capsys):
+    from fedllm.cli import main
+
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"sites": [{"name": "a"}]}))
+    assert main(["provision", str(values), "-o", str(tmp_path / "out"), "--chart", str(tmp_path / "elsewhere")]) == 2
+    assert f"error: {tmp_path / 'elsewhere' / 'values.yaml'}: not found" in capsys.readouterr().err
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = tmp_path / "values.yaml"
     path.write_text("sites:\n  - name: a\n  bad: [\n")

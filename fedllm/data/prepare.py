@@ -36,11 +36,12 @@ from fedllm.data.seeding import rng_for, sample_indices
 from fedllm.data.sources import load_source
 from fedllm.data.splits import SPLITS, split_examples
 from fedllm.data.summary import partition_summary, write_summary
+from fedllm.rundir import PARTITION_MARKER, PARTITION_SUMMARY_JSON, PARTITION_SUMMARY_PNG
 from fedllm.errors import FedllmError
 
-MANIFEST = "partition.json"
-SUMMARY_JSON = "partition_summary.json"
-SUMMARY_PNG = "partition_summary.png"
+MANIFEST = PARTITION_MARKER
+SUMMARY_JSON = PARTITION_SUMMARY_JSON
+SUMMARY_PNG = PARTITION_SUMMARY_PNG
 COMBINED_VAL = "combined_val.jsonl"
 MANIFEST_VERSION = 1
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -13,6 +13,7 @@ same rows (fedllm.evaluate.bootstrap).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 from fedllm.data.prompts import format_example, get_template
@@ -223,9 +224,9 @@ def make_scorer(cfg, partitions, tokenizer) -> Optional[LabelChoiceScorer]:
 
 def task_file(run_dir, setting: str):
     """Where a setting's per-row choices are kept: ``tasks/<setting>.json`` in the run dir."""
-    from pathlib import Path
+    from fedllm.rundir import RunDir
 
-    return Path(run_dir) / "tasks" / (setting.replace(":", "-") + ".json")
+    return RunDir(run_dir).task_file(setting)
 
 
 def record_task(cfg, run_dir, setting: str, curve: list[dict], final: dict) -> dict:
@@ -245,5 +246,5 @@ def record_task(cfg, run_dir, setting: str, curve: list[dict], final: dict) -> d
         "accuracy": final["accuracy"],
         "macro_f1": final["macro_f1"],
         "curve": curve,
-        "predictions": str(path.relative_to(run_dir)),
+        "predictions": str(path.relative_to(Path(run_dir).resolve())),
     }

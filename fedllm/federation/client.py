@@ -15,7 +15,6 @@ import argparse
 import time
 import warnings
 import zlib
-from pathlib import Path
 
 import nvflare.client.lightning as flare
 import pytorch_lightning as pl
@@ -27,6 +26,7 @@ from nvflare.app_common.abstract.fl_model import MetaKey
 from fedllm import events
 from fedllm.config import load_config
 from fedllm.data import load_partitions
+from fedllm.rundir import RunDir
 from fedllm.tensors import tensor_bytes
 from fedllm.train.model import load_tokenizer
 from fedllm.train.dataset import collate
@@ -155,14 +155,14 @@ def main(argv=None) -> None:
     # the installed module instead (fedllm.federation.tuning.site_process_settings).
     parser.add_argument("job_copy", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
+    run_dir = RunDir(args.run_dir)
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir.config)
     set_threads(cfg)
     flare.init()
     site = flare.get_site_name()
-    partitions = load_partitions(run_dir / "data")
-    base_dir = str(run_dir / "models" / "base")
+    partitions = load_partitions(run_dir.data)
+    base_dir = str(run_dir.base_model)
     tokenizer = load_tokenizer(base_dir)
     # The module is built below; the data asks it for the round only while training.
     data = RoundDataModule(cfg, tokenizer, partitions.train(site), partitions.val(site), site=site,
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     per_round = steps_per_round(cfg, data.num_train_examples)
     module = build_module(cfg, base_dir, total_steps=cfg.federation.rounds * per_round)
     module.site_name = site
-    module.events_file = str(run_dir / "events" / f"site-{site}.jsonl")
+    module.events_file = str(run_dir.site_events(site))
     weight = {"samples": float(data.num_train_examples), "uniform": 1.0, "steps": None}[cfg.federation.weighting]
 
     trainer = make_trainer(cfg, max_steps=per_round)

@@ -20,6 +20,7 @@ from fedllm.config import ExperimentConfig
 from fedllm.errors import FedllmError
 from fedllm.federation.job import build_recipe, job_name
 from fedllm.federation.persistor import load_round, round_dir
+from fedllm.rundir import RunDir, round_name
 
 
 @contextlib.contextmanager
@@ -102,7 +103,7 @@ def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]
     from nvflare.recipe.sim_env import SimEnv
 
     run_dir = Path(run_dir).resolve()
-    workspace = run_dir / "federation" / "workspace"
+    workspace = RunDir(run_dir).workspace
     _stop_leftover_processes(run_dir, workspace)
     if workspace.exists():
         shutil.rmtree(workspace)
@@ -139,9 +140,9 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
     one ``{"round", "factor_error", "svd_error"}`` per round (the server's ``lora_aggregation``
     events; see ``fedllm.federation.aggregation``).
     """
-    run_dir = Path(run_dir)
-    server = events.read_events(run_dir / "events" / "server.jsonl")
-    per_site = {s: events.read_events(run_dir / "events" / f"site-{s}.jsonl") for s in sites}
+    layout = RunDir(run_dir)
+    server = events.read_events(layout.server_events)
+    per_site = {s: events.read_events(layout.site_events(s)) for s in sites}
 
     # A resumed job appends to the logs of the one that died: per (site, round)
     # the last validation and round end count, and a round's time runs from the
@@ -214,8 +215,9 @@ def _last_per_round(evs: list[dict], kinds: tuple[str, ...]) -> list[dict]:
 
 def final_round(run_dir: str | os.PathLike, rounds: int) -> int:
     """The last round whose global model was persisted (0 if none)."""
+    layout = RunDir(run_dir)
     for r in range(rounds, 0, -1):
-        if (round_dir(Path(run_dir) / "federation" / "rounds", r) / "exchanged.safetensors").is_file():
+        if layout.round_weights(r).is_file():
             return r
     return 0
 
@@ -224,13 +226,14 @@ def load_global_module(cfg: ExperimentConfig, run_dir: str | os.PathLike, round_
     """A CausalLMModule holding the global model of ``round_number``."""
     from fedllm.train.site import build_module
 
-    module = build_module(cfg, str(Path(run_dir) / "models" / "base"), total_steps=1)
-    module.load_state_dict(load_round(Path(run_dir) / "federation" / "rounds", round_number))
+    layout = RunDir(run_dir)
+    module = build_module(cfg, str(layout.base_model), total_steps=1)
+    module.load_state_dict(load_round(layout.rounds, round_number))
     return module
 
 
 def federate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: Optional[list[str]] = None,
-             resume: bool = False, store: Optional[str] = None,
+             resume: bool = False, store: Optional[str] = None, partitions=None,
              runner: Optional[Callable[..., float]] = None) -> dict:
     """Run FedAvg over the run's sites and return the ``fedavg`` summary entry.
 
@@ -243,14 +246,16 @@ def federate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: Optional[
     ``runner``: runs the job, ``runner(cfg, run_dir, sites, start_round=, store=)`` → its wall
     seconds; default ``simulate`` (NVFlare's simulator), or a running federation's
     (``fedllm.federation.submit.run_on_federation``).
+    ``partitions``: the run's, when the caller has them open already.
     """
     from fedllm import artifacts
     from fedllm.data import load_partitions
 
-    run_dir = Path(run_dir).resolve()
-    parts = load_partitions(run_dir / "data")
+    layout = RunDir(run_dir)
+    run_dir = layout.root
+    parts = partitions or load_partitions(layout.data)
     sites = sites or parts.sites
-    checkpoints = run_dir / "federation" / "rounds"
+    checkpoints = layout.rounds
     done = artifacts.persisted_rounds(checkpoints, store, cfg.fingerprint()) if resume else []
     start = done[-1] if done else 0
     if start:
@@ -258,19 +263,19 @@ def federate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: Optional[
         events.emit("resume", site="driver", round=start, rounds=cfg.federation.rounds, store=artifacts.describe_store(store))
     else:
         for s in sites:
-            (run_dir / "events" / f"site-{s}.jsonl").unlink(missing_ok=True)
-        (run_dir / "events" / "server.jsonl").unlink(missing_ok=True)
-        (run_dir / "federation" / "best.json").unlink(missing_ok=True)
+            layout.site_events(s).unlink(missing_ok=True)
+        layout.server_events.unlink(missing_ok=True)
+        layout.best_record.unlink(missing_ok=True)
         shutil.rmtree(checkpoints, ignore_errors=True)
         artifacts.clear_rounds(store)
 
     run_job = runner or simulate
     seconds = run_job(cfg, run_dir, sites, start_round=start, store=store or "") if start < cfg.federation.rounds else 0.0
-    return finish_federation(cfg, run_dir, sites, seconds, store)
+    return finish_federation(cfg, run_dir, sites, seconds, store, partitions=parts)
 
 
 def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], seconds: float,
-                      store: Optional[str] = None) -> dict:
+                      store: Optional[str] = None, partitions=None) -> dict:
     """The fedavg summary entry of a finished job, however it ran (simulator, or
     submitted to a federation): curves and traffic from the event logs, the final
     global model checked, scored on the combined validation set and exported to
@@ -281,22 +286,23 @@ def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: 
     from fedllm.evaluate.task_metric import make_scorer, record_task
     from fedllm.train.site import autocast_dtype, evaluate_loss, set_threads, steps_per_round
 
-    run_dir = Path(run_dir).resolve()
+    layout = RunDir(run_dir)
+    run_dir = layout.root
     set_threads(cfg)
-    parts = load_partitions(run_dir / "data")
-    checkpoints = run_dir / "federation" / "rounds"
+    parts = partitions or load_partitions(layout.data)
+    checkpoints = layout.rounds
     last = final_round(run_dir, cfg.federation.rounds)
     if last != cfg.federation.rounds:
         raise FedllmError(
             f"federation ended after {last} of {cfg.federation.rounds} rounds "
-            f"(no round-{cfg.federation.rounds:03d} under {checkpoints})"
+            f"(no {round_name(cfg.federation.rounds)} under {checkpoints})"
         )
     spr = {s: steps_per_round(cfg, len(parts.train(s))) for s in sites}
     summary = summarize_federation(cfg, run_dir, sites, spr)
 
     artifacts.verify_local_dir(round_dir(checkpoints, last))
     module = load_global_module(cfg, run_dir, last)
-    tokenizer = load_tokenizer(run_dir / "models" / "base")
+    tokenizer = load_tokenizer(layout.base_model)
     module.site_name = "fedavg"
     final_loss = evaluate_loss(cfg, module, tokenizer, parts.combined_val())
     summary["val_loss_curve"].append([last * max(spr.values()), final_loss])
@@ -318,5 +324,5 @@ def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: 
         summary["task"] = record_task(cfg, run_dir, "fedavg", curve, final)
     summary["job_seconds"] = seconds
     summary["steps"] = last * max(spr.values())
-    summary.update(module.export(str(run_dir / "models" / "fedavg"), tokenizer=tokenizer))
+    summary.update(module.export(str(layout.model("fedavg")), tokenizer=tokenizer))
     return summary

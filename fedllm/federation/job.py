@@ -9,7 +9,6 @@ site runs ``fedllm/federation/client.py`` against the shared run dir.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
@@ -17,6 +16,7 @@ from fedllm.config import ExperimentConfig
 from fedllm.federation import client as client_script
 from fedllm.federation.aggregation import RunningWeightedAverage
 from fedllm.federation.persistor import RoundCheckpointPersistor
+from fedllm.rundir import RunDir
 from fedllm.federation.tuning import (
     apply_memory_settings,
     apply_round_tuning,
@@ -59,9 +59,9 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
     fedllm.federation.client`` (default: this one, right wherever the sites share this
     machine's environment, as in the simulator).
     """
-    run_dir = Path(run_dir).resolve()
+    layout = RunDir(run_dir)
     module_args = {
-        "model_dir": str(run_dir / "models" / "base"),
+        "model_dir": str(layout.base_model),
         "method": cfg.method.name,
         "method_params": dict(cfg.method.params),
         "train_args": train_args(cfg, total_steps=1),  # the server never steps an optimizer
@@ -69,8 +69,8 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
     }
     persistor = RoundCheckpointPersistor(
         model={"path": MODULE_CLASS, "args": module_args},
-        checkpoint_dir=str(run_dir / "federation" / "rounds"),
-        events_file=str(run_dir / "events" / "server.jsonl"),
+        checkpoint_dir=str(layout.rounds),
+        events_file=str(layout.server_events),
         store=store or "",
         config_hash=cfg.fingerprint(),
         resume_round=start_round,
@@ -81,7 +81,7 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         min_clients=cfg.federation.min_clients or len(sites),
         num_rounds=cfg.federation.rounds - start_round,
         train_script=client_script.__file__,
-        train_args=f"--run-dir {run_dir}",
+        train_args=f"--run-dir {layout.root}",
         model_persistor=persistor,
         # Tensors stay tensors end to end (no numpy round trip of every weight), and the
         # server downloads each site's update to disk where NVFlare can (not the simulator).

@@ -3,8 +3,8 @@
 NVFlare's PTFileModelPersistor keeps only the latest global model inside the
 server's job workspace. fedllm also needs every round's global weights under
 the run dir (the FedAvg validation curve, resume, export), so this persistor
-writes ``<checkpoint_dir>/round-<k>/exchanged.safetensors`` after each
-aggregation, with a small ``meta.json`` (round, bytes, time) and a
+writes ``<checkpoint_dir>/round-<k>/`` (``fedllm.rundir``) after each aggregation:
+the exchanged weights as safetensors, a small ``meta.json`` (round, bytes, time) and a
 ``MANIFEST.json`` (files, sizes, sha256, round, config hash), then uploads the
 folder to the run's store when one is given (``fedllm.artifacts``). It also
 keeps the best global model by the sites' validation loss, and on a resumed
@@ -28,11 +28,12 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedllm import events
+from fedllm.rundir import ROUND_META, ROUND_WEIGHTS, round_key, round_name
 from fedllm.tensors import tensor_bytes
 
 
 def round_dir(checkpoint_dir: str | os.PathLike, round_number: int) -> Path:
-    return Path(checkpoint_dir) / f"round-{round_number:03d}"
+    return Path(checkpoint_dir) / round_name(round_number)
 
 
 def save_round(checkpoint_dir: str | os.PathLike, round_number: int, weights: dict, meta: dict) -> Path:
@@ -46,8 +47,8 @@ def save_round(checkpoint_dir: str | os.PathLike, round_number: int, weights: di
     tmp = final.with_name(final.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).contiguous().cpu() for k, v in weights.items()}
-    save_file(tensors, str(tmp / "exchanged.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    save_file(tensors, str(tmp / ROUND_WEIGHTS))
+    (tmp / ROUND_META).write_text(json.dumps(meta, indent=2))
     write_local_manifest(tmp, meta)
     if final.exists():
         import shutil
@@ -60,7 +61,7 @@ def save_round(checkpoint_dir: str | os.PathLike, round_number: int, weights: di
 def load_round(checkpoint_dir: str | os.PathLike, round_number: int) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(round_dir(checkpoint_dir, round_number) / "exchanged.safetensors"))
+    return load_file(str(round_dir(checkpoint_dir, round_number) / ROUND_WEIGHTS))
 
 
 class RoundCheckpointPersistor(PTFileModelPersistor):
@@ -137,7 +138,6 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
         meta = {"round": completed, "bytes": nbytes, "saved_at": time.time(), "config_hash": self.config_hash}
         folder = save_round(self.checkpoint_dir, completed, weights, meta)
         if self.store:
-            from fedllm.artifacts import round_key
             from fedllm.store import open_store
 
             open_store(self.store).put_dir(folder, round_key(completed), meta=meta)

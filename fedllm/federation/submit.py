@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 from fedllm.config import ExperimentConfig
 from fedllm.errors import FedllmError
+from fedllm.rundir import RunDir
 
 COMPLETED = "FINISHED:COMPLETED"
 
@@ -65,7 +66,7 @@ class EventTail:
         if status != self.status:
             self.log(f"job {job_id}: {status}")
             self.status = status
-        for path in sorted((self.run / "events").glob("*.jsonl")):
+        for path in sorted(RunDir(self.run).events.glob("*.jsonl")):
             for event in self._new_events(path):
                 line = self.describe(event)
                 if line:
@@ -173,7 +174,7 @@ def run_on_federation(
     name = job_name(cfg)
     recipe = build_recipe(cfg, run_dir, sites, start_round=start_round, store=store, site_python=site_python())
     with tempfile.TemporaryDirectory(prefix="fedllm-admin-") as tmp, _no_fingerprint_warning():
-        recipe.export(str(run_dir / "federation" / "job"))  # what was submitted, for the record
+        recipe.export(str(RunDir(run_dir).exported_jobs))  # what was submitted, for the record
         kit = admin_kit_dir(Path(admin_kit), Path(tmp) / "admin")
         user = username or admin_username(kit)
         env = ProdEnv(startup_kit_location=str(kit), login_timeout=login_timeout_s, username=user)
@@ -208,38 +209,10 @@ def run_on_federation(
     return seconds
 
 
-def submit_federation(
-    run_dir: str | os.PathLike,
-    admin_kit: str | os.PathLike,
-    *,
-    resume: bool = False,
-    store: Optional[str] = None,
-    **options,
-) -> dict:
-    """Run FedAvg for the prepared ``run_dir`` on a running federation; write and
-    return its ``fedavg`` entry (``settings/fedavg.json``), as ``fedllm.run.run_federation``
-    does for a simulator run: the same ``fedllm.federation.federate`` clears or resumes
-    the rounds and builds the entry, with ``run_on_federation`` running the job.
-
-    ``options``: ``run_on_federation``'s (``timeout_s``, ``username``, ``poll_s``,
-    ``sites_timeout_s``, ``login_timeout_s``, ``log``). ``resume``: continue from the
-    last persisted round (or return the finished entry). ``store``: used as given (no
-    ``$FEDLLM_STORE``): the federation's server uploads every round's global model
-    there, so it needs the store's credentials. Raises FedllmError if a site is
-    missing, the job does not complete, or not every round's global model reached
-    ``federation/rounds``.
-    """
-    from fedllm.artifacts import publish
-    from fedllm.federation.federate import federate
-    from fedllm.files import write_json_atomic
-    from fedllm.run import load_run, setting_file
-
-    run, cfg = load_run(run_dir)
-    path = setting_file(run, "fedavg")
-    if resume and path.is_file():
-        return json.loads(path.read_text())
-    runner = functools.partial(run_on_federation, admin_kit=admin_kit, **options)
-    result = federate(cfg, run, resume=resume, store=store, runner=runner)
-    write_json_atomic(path, result)
-    publish(run, store, "fedavg")
-    return result
+def submitter(admin_kit: str | os.PathLike, **options) -> Callable[..., float]:
+    """A ``runner`` for ``fedllm.run.run_federation`` / ``federate``: the job goes to the
+    running federation ``admin_kit`` logs in to instead of the simulator; everything
+    else (clearing or resuming rounds, the ``fedavg`` entry, settings/fedavg.json, the
+    store) is the simulator run's own code. ``options``: ``run_on_federation``'s
+    (``timeout_s``, ``username``, ``poll_s``, ``sites_timeout_s``, ``login_timeout_s``, ``log``)."""
+    return functools.partial(run_on_federation, admin_kit=admin_kit, **options)

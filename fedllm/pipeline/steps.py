@@ -61,12 +61,12 @@ def partition_step(config: str, overrides: list[str], run_out: str, federation_m
     """Prepare the run dir at ``run_out``; return the settings trained outside
     the federation (``base``, ``site:<name>`` per site, ``centralized``), in the
     order ``fedllm run`` trains them."""
-    from fedllm.run import prepare_run, settings_of
+    from fedllm.run import prepare, settings_of
 
     check_federation_mode(federation_mode)
     cfg = load_pipeline_config(config, overrides)
-    run = prepare_run(cfg, run_out)
-    return [s for s in settings_of(run, cfg) if s != "fedavg"]
+    run = prepare(cfg, run_out)
+    return [s for s in settings_of(run) if s != "fedavg"]
 
 
 def train_step(prepared: str, setting: str, model_out: str) -> dict:
@@ -105,7 +105,7 @@ def federate_step(
     and sites see at the same path.
     """
     from fedllm.pipeline.workspace import open_workspace, pack_new_files
-    from fedllm.run import run_federation, setting_file, write_json_atomic
+    from fedllm.run import run_federation
 
     check_federation_mode(mode)
     if mode == "simulator":
@@ -118,7 +118,7 @@ def federate_step(
             shutil.rmtree(work, ignore_errors=True)
         return result
 
-    from fedllm.federation.submit import submit_federation
+    from fedllm.federation.submit import submitter
 
     if not admin_kit:
         raise FedllmError("federate (submit mode): no admin startup kit; mount the admin kit Secret (pipeline parameter 'admin_kit_secret')")
@@ -131,7 +131,7 @@ def federate_step(
     # The federation's processes read the run dir: real copies, not links into this pod's artifacts.
     work = open_workspace([prepared], under=shared_run_root, copy=True)
     try:
-        write_json_atomic(setting_file(work, "fedavg"), submit_federation(work, admin_kit, timeout_s=timeout_s))
+        run_federation(work, runner=submitter(admin_kit, timeout_s=timeout_s))
         result = relocatable(work, "fedavg")
         pack_new_files(work, model_out, baseline=prepared)
     finally:
@@ -142,9 +142,10 @@ def federate_step(
 def relocatable(work: Path, setting: str) -> dict:
     """Rewrite ``settings/<setting>.json`` with its model paths relative to the
     run dir: the step's workspace is gone when the next step reads the entry."""
-    from fedllm.run import setting_file, write_json_atomic
+    from fedllm.files import write_json_atomic
+    from fedllm.rundir import RunDir
 
-    path = setting_file(work, setting)
+    path = RunDir(work).setting_file(setting)
     entry = json.loads(path.read_text())
     for key in ("model_dir", "adapter_dir"):
         value = entry.get(key)
@@ -161,10 +162,11 @@ def evaluate_step(prepared: str, model: str, setting: str, scores_out: str) -> O
     from fedllm.config import load_config
     from fedllm.pipeline.workspace import open_workspace
     from fedllm.run import evaluate_setting
+    from fedllm.rundir import RunDir
 
     work = open_workspace([prepared, model])
     try:
-        enabled = load_config(work / "config.yaml").evaluation.enabled
+        enabled = load_config(RunDir(work).config).evaluation.enabled
         result = evaluate_setting(work, setting) if enabled else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -178,21 +180,24 @@ def report_step(prepared: str, models: list[str], scores: list[str], run_out: st
     made (at ``run_out``), write summary.json and the report; copy the report's
     index.html and report.md to ``html_out`` and ``markdown_out``."""
     from fedllm.pipeline.workspace import copy_run, open_workspace
+    from fedllm.files import write_json_atomic
     from fedllm.report import write_report
-    from fedllm.run import eval_file, write_json_atomic, write_summary
+    from fedllm.run import write_summary
+    from fedllm.rundir import RunDir
 
     work = open_workspace([prepared, *models])
     try:
         for path in scores:
             entry = json.loads(Path(path).read_text())
             if entry["result"] is not None:
-                write_json_atomic(eval_file(work, entry["setting"]), entry["result"])
+                write_json_atomic(RunDir(work).eval_file(entry["setting"]), entry["result"])
         summary = write_summary(work)
         index = write_report(work)
         copy_run(work, run_out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for source, out in ((Path(run_out) / "report" / index.name, html_out), (Path(run_out) / "report" / "report.md", markdown_out)):
+    report = RunDir(run_out).report
+    for source, out in ((report / index.name, html_out), (report / "report.md", markdown_out)):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, out)
     return summary

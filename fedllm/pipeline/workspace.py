@@ -19,9 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from fedllm.rundir import WORKSPACE
+
 # NVFlare's simulator workspace (job copies, logs, its own model files): large,
 # and nothing downstream reads it; the per-round global models are kept.
-LEFT_OUT = ("federation/workspace",)
+LEFT_OUT = (WORKSPACE,)
 
 
 def open_workspace(sources: Iterable[str | os.PathLike], under: Optional[str | os.PathLike] = None, copy: bool = False) -> Path:

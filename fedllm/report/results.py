@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fedllm.report.document import Cell, Paragraph, Section, Table
 from fedllm.report.run_summary import display_name, number, ordered_settings
 from fedllm.report.significance import format_comparisons_text
+from fedllm.rundir import SUMMARY
 from fedllm.report.task import has_task, rows_description, task_value
 
 MISSING = "–"
@@ -49,7 +50,7 @@ def columns_of(summary: dict) -> tuple[Column, ...]:
     return COLUMNS + TASK_COLUMNS if has_task(summary) else COLUMNS
 
 
-def results_table(summary: dict, source: str = "summary.json") -> list[dict]:
+def results_table(summary: dict, source: str = SUMMARY) -> list[dict]:
     """One dict per setting, in row order::
 
         {"setting": "fedavg", "name": "FedAvg",
@@ -80,7 +81,7 @@ def results_table(summary: dict, source: str = "summary.json") -> list[dict]:
     return rows
 
 
-def format_table_text(summary: dict, source: str = "summary.json") -> str:
+def format_table_text(summary: dict, source: str = SUMMARY) -> str:
     """The results table as aligned plain text for a terminal: a header, a rule, one
     line per setting (best per column followed by ``*``), and a one-line legend; then,
     when the run recorded them, the comparisons of FedAvg with each site alone and

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fedllm.errors import FedllmError
+from fedllm.rundir import SUMMARY
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = SUMMARY
 
 # Rows of the results table in the seed's layout; sites go between base and centralized.
 _DISPLAY_NAMES = {"base": "Base", "centralized": "Centralized", "fedavg": "FedAvg"}

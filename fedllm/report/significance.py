@@ -11,6 +11,7 @@ from __future__ import annotations
 from fedllm.errors import FedllmError
 from fedllm.report.document import Cell, Paragraph, Section, Table, not_recorded
 from fedllm.report.run_summary import display_name, number
+from fedllm.rundir import SUMMARY
 from fedllm.report.task import NOT_RECORDED, has_task
 
 DECIMALS = 3
@@ -107,7 +108,7 @@ def significance_section(summary: dict, source: str) -> Section:
     return section
 
 
-def format_comparisons_text(summary: dict, source: str = "summary.json") -> str:
+def format_comparisons_text(summary: dict, source: str = SUMMARY) -> str:
     """The comparisons as aligned plain text for a terminal (a title line, one line per
     comparison, the method line); ``""`` when the run recorded none."""
     entries = comparisons(summary, source)

@@ -22,8 +22,9 @@ from fedllm.report.run_summary import load_summary
 from fedllm.report.significance import significance_section
 from fedllm.report.task import task_curves_section
 from fedllm.report.timing import timing_section
+from fedllm.rundir import REPORT
 
-REPORT_DIR = "report"
+REPORT_DIR = REPORT
 
 
 def build_document(run_dir: str | Path) -> Document:
