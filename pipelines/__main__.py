@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedllm.errors import FedllmError
+from fedllm.errors import FedllmError, run_command
 from pipelines import COMPILED
 
 
@@ -79,15 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FedllmError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":
