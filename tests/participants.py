@@ -94,16 +94,19 @@ class Federation:
 
 
 @contextlib.contextmanager
-def running_federation(root: Path, sites: list[str]):
+def running_federation(root: Path, sites: list[str], transport: str | None = None):
     """A production-mode federation on localhost: a server on free ports, ``sites`` and an
     admin provisioned by ``fedllm.deploy.provision``; the server and sites run from their kits
-    mounted as Secrets, every link gRPC over mutual TLS. Everything is stopped on exit."""
+    mounted as Secrets, every link mutual TLS over ``transport`` (the chart's server.transport;
+    default grpc). Everything is stopped on exit."""
     from fedllm.deploy.provision import provision
 
     values = {
         "server": {"host": "localhost", "flPort": free_port(), "adminPort": free_port()},
         "sites": [{"name": s} for s in sites],
     }
+    if transport:
+        values["server"]["transport"] = transport
     (root / "values.yaml").write_text(yaml.safe_dump(values))
     kits = provision(root / "values.yaml", root / "kits")
     procs = Participants(root)

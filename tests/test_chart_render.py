@@ -1,16 +1,20 @@
 """The fedllm-federation chart, rendered by Helm's own Go SDK (helm-python-sdk), no cluster.
 
 For the default values and every ci/*-values.yaml: `helm lint --strict` is clean, every
-object is valid under kubernetes-validate --strict for Kubernetes 1.29-1.33, and the
+object is valid under kubernetes-validate --strict for Kubernetes 1.29-1.33 (Kueue's
+objects under Kueue's own CRD schema, tests/schemas/kueue/, as strictly), and the
 chart's promises hold: GPUs requested, locked-down pods, no secret material outside
-Secrets, labels on every object, least-privilege RBAC only with launcher k8s.
+Secrets, labels on every object, least-privilege RBAC only with launcher k8s, and with
+kueue.enabled one Kueue pod group of the server and all sites.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import helm_python as helm
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -20,6 +24,35 @@ CI_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
 VALUE_SETS = [None, *CI_FILES]
 KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 POD_KINDS = ("Deployment", "Pod")
+# The openAPIV3Schema of each Kueue CRD version the chart renders (see tests/schemas/kueue/README.md).
+KUEUE_SCHEMAS = {("kueue.x-k8s.io/v1beta2", "LocalQueue"): Path(__file__).parent / "schemas" / "kueue" / "localqueue-v1beta2.json"}
+
+
+def strict(schema):
+    """A CRD schema as the API server applies it under `--validate=strict`: an unknown field
+    is an error (a structural schema otherwise prunes it), unless the schema keeps unknown
+    fields (x-kubernetes-preserve-unknown-fields)."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: ({name: strict(s) for name, s in v.items()} if k == "properties" else strict(v)) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def validate(obj: dict, version: str) -> None:
+    """kubernetes-validate --strict for core objects; a Kueue object under its CRD's schema,
+    its metadata as Kubernetes' ObjectMeta. Raises on any error."""
+    if not obj["apiVersion"].startswith("kueue.x-k8s.io/"):
+        kubernetes_validate.validate(obj, version, strict=True)
+        return
+    schema_file = KUEUE_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+    assert schema_file, f"{obj['apiVersion']} {obj['kind']}: no Kueue CRD schema vendored under tests/schemas/kueue/"
+    jsonschema.Draft7Validator(strict(json.loads(schema_file.read_text()))).validate(obj)
+    # CRD schemas leave metadata to the API server, which checks it as any object's ObjectMeta.
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}, version, strict=True)
 
 
 def values_of(path: Path | None) -> dict | None:
@@ -71,7 +104,7 @@ def test_every_object_is_valid_kubernetes_1_29_to_1_33(values_file):
     assert objects
     for version in KUBE_VERSIONS:
         for obj in objects:
-            kubernetes_validate.validate(obj, version, strict=True)
+            validate(obj, version)
 
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
@@ -224,6 +257,9 @@ def test_server_service_type_and_ports_follow_values():
         ({"sites": [{"name": "a", "data": {"s3": "http://x"}}]}, "/sites/0/data"),
         ({"launcher": "slurm"}, "/launcher"),
         ({"server": {"service": {"type": "ExternalName"}}}, "/server/service/type"),
+        ({"server": {"transport": "agrpc"}}, "/server/transport"),
+        ({"kueue": {"enabled": True, "localQueue": {"create": True}}}, "/kueue/localQueue/clusterQueue"),
+        ({"kueue": {"enabled": True, "queueName": "Team_Queue"}}, "/kueue/queueName"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_field(bad, field):
@@ -234,3 +270,74 @@ def test_schema_rejects_bad_values_naming_the_field(bad, field):
 def test_site_only_install_requires_the_remote_address():
     with pytest.raises(helm.HelmError, match="remoteAddress"):
         render({"server": {"enabled": False}})
+
+
+KUEUE_CI = CHART / "ci" / "kueue-values.yaml"
+
+
+def group_of(deployment: dict) -> tuple[str, str]:
+    template = deployment["spec"]["template"]["metadata"]
+    return template["labels"]["kueue.x-k8s.io/pod-group-name"], template["annotations"]["kueue.x-k8s.io/pod-group-total-count"]
+
+
+def test_kueue_admits_the_server_and_all_sites_as_one_pod_group():
+    values = values_of(KUEUE_CI)
+    objects = render(values)
+    deployments = by_kind(objects, "Deployment")
+    assert len(deployments) == 1 + len(values["sites"])
+    queue = {"kueue.x-k8s.io/queue-name": "fedllm-federation", "kueue.x-k8s.io/priority-class": "federated-training"}
+    for d in deployments:  # the queue on the pod owner (Kueue's deployment integration) and its pods
+        assert queue.items() <= d["metadata"]["labels"].items()
+        assert queue.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        assert d["spec"]["template"]["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-serving"] == "true"
+    # one group, as large as the pods that make it up: all or none are admitted
+    assert {group_of(d) for d in deployments} == {("demo-federation", str(len(deployments)))}
+    (queue_object,) = by_kind(objects, "LocalQueue")
+    assert queue_object["metadata"]["name"] == "fedllm-federation"
+    assert queue_object["spec"] == {"clusterQueue": "gpu-cluster-queue"}
+    # launcher k8s: each job pod (it holds the site's GPUs) is queued on its own, outside the group
+    for d in deployments:
+        env = {e["name"]: e.get("value") for e in pod_spec(d)["containers"][0]["env"]}
+        if "FEDLLM_JOB_POD_TEMPLATE" in env:
+            labels = json.loads(env["FEDLLM_JOB_POD_TEMPLATE"])["metadata"]["labels"]
+            assert queue.items() <= labels.items() and "kueue.x-k8s.io/pod-group-name" not in labels
+    # the helm test pod is not a workload to queue
+    (test_pod,) = by_kind(objects, "Pod")
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in test_pod["metadata"]["labels"])
+
+
+def test_a_site_only_install_queues_its_sites_as_the_group():
+    values = values_of(CHART / "ci" / "site-only-values.yaml")
+    values["kueue"] = {"enabled": True, "queueName": "edge"}
+    objects = render(values)
+    assert by_kind(objects, "LocalQueue") == []  # an existing queue unless localQueue.create
+    deployments = by_kind(objects, "Deployment")
+    assert {group_of(d) for d in deployments} == {("demo-federation", str(len(values["sites"])))}
+    for version in KUBE_VERSIONS:
+        for obj in objects:
+            validate(obj, version)
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids)
+def test_without_kueue_nothing_of_kueue_is_rendered(values_file):
+    values = values_of(values_file) or {}
+    if values.get("kueue", {}).get("enabled"):
+        values["kueue"]["enabled"] = False
+    text = yaml.safe_dump_all(render(values))
+    assert "kueue" not in text
+    assert [o for o in render(values) if o["kind"] == "LocalQueue"] == []
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda q: q["spec"].update(clusterqueue="gpu"), "Additional properties are not allowed"),
+        (lambda q: q["spec"].update(clusterQueue="GPU_Queue"), "does not match"),
+        (lambda q: q["spec"].update(stopPolicy="Pause"), "is not one of"),
+    ],
+)
+def test_kueue_objects_are_checked_as_strictly_as_the_api_server_would(change, error):
+    (queue_object,) = by_kind(render(values_of(KUEUE_CI)), "LocalQueue")
+    change(queue_object)
+    with pytest.raises(jsonschema.ValidationError, match=error):
+        validate(queue_object, KUBE_VERSIONS[-1])

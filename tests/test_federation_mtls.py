@@ -7,6 +7,7 @@ TLS. The admin kit logs in through ``nvflare.fuel.flare_api``, submits a tiny Fe
 fedllm LoRA job on real data and checks every round's global adapter; then a site holding a kit from a different
 provisioning tries to join and must never register. On the same federation, ``fedllm federate CONFIG --submit
 ADMIN_KIT`` runs the same job and writes the settings/fedavg.json a simulator run of the config writes.
+A second federation, provisioned with ``server.transport: tcp``, runs a job too.
 """
 
 from __future__ import annotations
@@ -168,3 +169,34 @@ def test_fedllm_federate_submit_runs_the_job_there_and_summarizes_it_as_the_simu
     assert submitted["bytes_per_round"] == simulated["bytes_per_round"]  # the same adapter, each round
     assert submitted["job_seconds"] > 0 and submitted["best_round"] in range(1, ROUNDS + 1)
     assert (submitted_run / submitted["adapter_dir"]).is_dir()
+
+
+def test_a_federation_on_tcp_runs_a_job(tmp_path, capsys, monkeypatch):
+    """server.transport tcp (the chart's way around gRPC clients that crash-loop on Linux 7.0):
+    the kits as mounted say so, every link is TCP over mTLS, and a one-round job completes."""
+    from fedllm.cli import main
+    from fedllm.federation.submit import SITE_PYTHON_ENV
+
+    root = tmp_path / "federation"
+    root.mkdir()
+    with running_federation(root, ["site-1", "site-2"], transport="tcp") as fed:
+        def kit_file(name, key):
+            return json.loads((root / "mounts" / name / key).read_text())
+
+        assert kit_file("server", "startup.fed_server.json")["servers"][0]["service"]["scheme"] == "tcp"
+        for site in ("site-1", "site-2"):
+            assert kit_file(site, "startup.fed_client.json")["servers"][0]["service"]["scheme"] == "tcp"
+        assert kit_file("admin", "startup.fed_admin.json")["admin"]["scheme"] == "tcp"
+
+        monkeypatch.setenv(SITE_PYTHON_ENV, sys.executable)
+        sets = [arg for override in [*LORA_JOB, "federation.rounds=1"] for arg in ("--set", override)]
+        assert main(["federate", str(TINY_CONFIG), *sets, "--out", str(tmp_path / "run"),
+                     "--submit", str(fed.admin_kit), "--timeout", "240"]) == 0
+        out = capsys.readouterr().out
+        assert "FINISHED:COMPLETED" in out, out
+        for site in ("site-1", "site-2"):
+            assert f"site {site} round 1/1" in out
+        summary = json.loads((tmp_path / "run" / "settings" / "fedavg.json").read_text())
+        assert summary["kind"] == "federated" and math.isfinite(summary["val_loss"])
+        for site in ("site-1", "site-2"):
+            assert f"Connected to server: tcp://localhost:{fed.values['server']['flPort']}" in fed.procs.log(site)

@@ -101,6 +101,27 @@ def test_kits_dial_the_release_server_with_a_certificate_for_that_name(kits):
     assert hashlib.sha256(root).hexdigest() == kits["root_ca_sha256"]
 
 
+@pytest.mark.parametrize("transport", ["tcp", "http"])
+def test_server_transport_is_written_into_every_kit(tmp_path, transport):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"server": {"transport": transport}, "sites": [{"name": "site-1"}, {"name": "site-2"}]}))
+    result = provision(values, tmp_path / "out")
+    # as the pods mount them: the Secrets' files
+    kit = {p: {k: base64.b64decode(v) for k, v in secret(result, p)["data"].items()} for p in result["secrets"]}
+    assert json.loads(kit["server"]["startup.fed_server.json"])["servers"][0]["service"]["scheme"] == transport
+    for site in ("site-1", "site-2"):
+        assert json.loads(kit[site]["startup.fed_client.json"])["servers"][0]["service"]["scheme"] == transport
+    assert json.loads(kit["admin"]["startup.fed_admin.json"])["admin"]["scheme"] == transport
+
+
+def test_the_default_transport_is_grpc(kits):
+    fed_server = json.loads((kits["kits"]["server"] / "startup" / "fed_server.json").read_text())
+    assert fed_server["servers"][0]["service"]["scheme"] == "grpc"
+    for site in SITES:
+        fed_client = json.loads((kits["kits"][site] / "startup" / "fed_client.json").read_text())
+        assert fed_client["servers"][0]["service"]["scheme"] == "grpc"
+
+
 def test_reprovisioning_keeps_the_root_ca(tmp_path):
     values = tmp_path / "v.yaml"
     values.write_text(yaml.safe_dump({"sites": [{"name": "site-1"}]}))
@@ -127,6 +148,9 @@ def test_reprovisioning_keeps_the_root_ca(tmp_path):
         ({"sites": [{"name": "a"}], "server": {"host": "bad_host"}}, r"server\.host: 'bad_host' does not match .*a DNS name"),
         ({"sites": [{"name": "a"}], "project": {"org": "my-org"}}, r"project\.org: 'my-org' does not match"),
         ({"sites": [{"name": "a"}], "launcher": "slurm"}, r"launcher: 'slurm' is not one of"),
+        ({"sites": [{"name": "a"}], "server": {"transport": "agrpc"}}, r"server\.transport: 'agrpc' is not one of .*grpc, tcp or http"),
+        ({"sites": [{"name": "a"}], "kueue": {"enabled": True, "queueName": "Team_Queue"}}, r"kueue\.queueName: 'Team_Queue' does not match .*a Kueue object name"),
+        ({"sites": [{"name": "a"}], "kueue": {"enabled": True, "localQueue": {"create": True}}}, r"kueue\.localQueue\.clusterQueue: '' should be non-empty .*required when kueue\.localQueue\.create is true"),
         # what only Python checks: rules across fields
         ({"sites": [{"name": "a"}, {"name": "a"}]}, r"sites\[1\]\.name 'a' repeats sites\[0\]\.name"),
         ({"sites": [{"name": "server"}]}, "taken by the server"),

@@ -126,7 +126,7 @@ def fullname(values: dict, release: str) -> str:
 
 def participants(values: dict, release: str, source: str = "values") -> dict:
     """The participants of values ``load_values`` returned (merged and schema-valid):
-    {project, org, server, host, additional_hosts, fl_port, admin_port, sites, admin}.
+    {project, org, server, host, additional_hosts, fl_port, admin_port, transport, sites, admin}.
 
     Checks only what the schema cannot say, across fields: two ports, unique names, and
     names that still fit Kubernetes once the chart prefixes them with the release.
@@ -166,6 +166,8 @@ def participants(values: dict, release: str, source: str = "values") -> dict:
         "additional_hosts": extra_hosts,
         "fl_port": fl_port,
         "admin_port": admin_port,
+        # One transport for the federation: the server listens in one scheme on both ports.
+        "transport": server.get("transport") or "grpc",
         "sites": site_names,
         "admin": admin["name"],
     }
@@ -182,7 +184,8 @@ def _fits(resource_name: str, what: str, source: str) -> None:
 
 
 def project_yml(p: dict) -> dict:
-    """NVFlare's project.yml (api_version 3) for the validated participants ``p``."""
+    """NVFlare's project.yml (api_version 3) for the validated participants ``p``; the
+    transport is StaticFileBuilder's ``scheme``, which it writes into every kit."""
     server: dict[str, Any] = {
         "name": p["server"],
         "type": "server",
@@ -207,7 +210,8 @@ def project_yml(p: dict) -> dict:
             {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder"},
             {
                 "path": "nvflare.lighter.impl.static_file.StaticFileBuilder",
-                "args": {"config_folder": "config", "scheme": "grpc"},
+                # Not use_aio (agrpc, atcp): NVFlare 2.9's clients refuse those schemes with TLS.
+                "args": {"config_folder": "config", "scheme": p["transport"]},
             },
             {"path": "nvflare.lighter.impl.cert.CertBuilder"},
             {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},

@@ -159,6 +159,9 @@ metadata:
     app.kubernetes.io/instance: {{ .root.Release.Name }}
     app.kubernetes.io/component: job
     fedllm.io/site: {{ .site.name }}
+    {{- with include "fedllm.kueueQueueLabels" .root }}
+    {{- . | nindent 4 }}
+    {{- end }}
 spec:
   automountServiceAccountToken: false
   {{- with .site.nodeSelector }}
@@ -187,4 +190,43 @@ spec:
 {{- $names := list }}
 {{- range .Values.sites }}{{ $names = append $names .name }}{{ end }}
 {{- join "," $names }}
+{{- end }}
+
+{{/*
+Kueue (kueue.enabled). The queue label on every pod-owning object and every pod; the pod
+group of the federation (its server and sites) on their pod templates. The group is named
+for the release, is as large as the pods this release runs, and is a serving group: a
+Deployment's replacement pod rejoins the admitted workload instead of ending it.
+*/}}
+{{- define "fedllm.kueueQueueLabels" -}}
+{{- if .Values.kueue.enabled -}}
+kueue.x-k8s.io/queue-name: {{ .Values.kueue.queueName | quote }}
+{{- with .Values.kueue.priorityClass }}
+kueue.x-k8s.io/priority-class: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fedllm.kueueGroupLabels" -}}
+{{- if .Values.kueue.enabled -}}
+{{ include "fedllm.kueueQueueLabels" . }}
+kueue.x-k8s.io/pod-group-name: {{ printf "%s-federation" (include "fedllm.fullname" .) | trunc 63 | trimSuffix "-" | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The pods of the Kueue group: the server (when in this release) and every site. */}}
+{{- define "fedllm.kueueGroupSize" -}}
+{{- add (ternary 1 0 .Values.server.enabled) (len .Values.sites) }}
+{{- end }}
+
+{{/* Annotations of the server and site pods: podAnnotations, and Kueue's pod group. */}}
+{{- define "fedllm.participantPodAnnotations" -}}
+{{- $annotations := deepCopy (default dict .Values.podAnnotations) }}
+{{- if .Values.kueue.enabled }}
+{{- $_ := set $annotations "kueue.x-k8s.io/pod-group-total-count" (include "fedllm.kueueGroupSize" .) }}
+{{- $_ := set $annotations "kueue.x-k8s.io/pod-group-serving" "true" }}
+{{- end }}
+{{- with $annotations }}
+{{- toYaml . }}
+{{- end }}
 {{- end }}
