@@ -220,6 +220,32 @@ class EvaluationConfig:
 
 
 @dataclass
+class MLflowTracking:
+    """An MLflow tracking server: ``uri`` (``http://host:5000``, or any URI MLflow takes),
+    and the experiment the run's MLflow runs go to (default: the config's ``name``)."""
+
+    uri: str = ""
+    experiment: Optional[str] = None
+
+
+@dataclass
+class TrackingConfig:
+    """Metrics streamed while the run trains (see fedllm.tracking): per site and for the
+    global model, for the federation (through NVFlare's analytics receivers) and every
+    baseline. ``tensorboard``: event files under ``<run>/tracking/tensorboard``.
+    ``mlflow``: one MLflow run per setting, the config as its parameters. Off by default;
+    either needs ``pip install 'fedllm[tracking]'``. Not part of the config's fingerprint:
+    tracking does not change what is trained."""
+
+    tensorboard: bool = False
+    mlflow: Optional[MLflowTracking] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensorboard or self.mlflow is not None
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 1234
@@ -232,6 +258,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # -- derived values a caller may rely on ---------------------------------
     def resolve_data_path(self, path: str) -> str:
@@ -247,8 +274,11 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical config, recorded beside every checkpoint."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """sha256 of the canonical config, recorded beside every checkpoint (``tracking``
+        left out: where metrics go changes no result, and a run may be resumed with it)."""
+        tree = self.to_dict()
+        tree.pop("tracking")
+        canonical = json.dumps(tree, sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -431,6 +461,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise FedllmError(f"config field 'baselines.lora_aggregations': needs method.name lora, got {cfg.method.name!r}")
     if cfg.federation.rounds < 1:
         raise FedllmError(f"config field 'federation.rounds': must be ≥ 1, got {cfg.federation.rounds}")
+    if cfg.tracking.enabled:
+        from fedllm.tracking import check_tracking  # imports neither MLflow nor TensorBoard
+
+        check_tracking(cfg.tracking)
     return cfg
 
 

@@ -15,12 +15,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 EVENTS_FILE_ENV = "FEDLLM_EVENTS_FILE"
 QUIET_ENV = "FEDLLM_QUIET_EVENTS"
 
 _lock = threading.Lock()
+_listeners: list[Callable[[dict], None]] = []
 
 
 def emit(event: str, file: Optional[str | os.PathLike] = None, **fields: Any) -> dict:
@@ -40,7 +41,17 @@ def emit(event: str, file: Optional[str | os.PathLike] = None, **fields: Any) ->
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
             with open(target, "a") as f:
                 f.write(line + "\n")
+    for listener in list(_listeners):
+        listener(record)
     return record
+
+
+def listen(listener: Callable[[dict], None]) -> Callable[[], None]:
+    """Call ``listener(record)`` with every event this process emits from now on (after
+    its line is written); returns the function that stops it. fedllm.tracking streams
+    metrics to TensorBoard and MLflow this way."""
+    _listeners.append(listener)
+    return lambda: _listeners.remove(listener) if listener in _listeners else None
 
 
 def read_events(path: str | os.PathLike) -> list[dict]:

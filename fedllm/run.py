@@ -33,7 +33,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
-from fedllm import events
+from fedllm import events, tracking
 from fedllm.artifacts import publish, store_uri_of
 from fedllm.config import ExperimentConfig, dump_config, load_config
 from fedllm.errors import FedllmError
@@ -222,10 +222,12 @@ def run_federation(run_dir: "str | os.PathLike | Run", resume: bool = False, sto
     if not setting.is_variant:
         result = federate(run.cfg, run.root, sites=run.sites, resume=resume, store=run.store, partitions=run.partitions,
                           runner=runner)
+        tracking.log_federation(run.cfg, run.dir, setting, result)
     else:
         variant_dir, variant_cfg = prepare_variant(run, setting)
         result = federate(variant_cfg, variant_dir.root, sites=run.sites, resume=resume, partitions=run.partitions,
                           runner=runner)
+        tracking.log_federation(variant_cfg, variant_dir, setting, result)
         result["variant"] = variant_cfg.federation.lora_aggregation
         if "task" in result:  # its predictions file, as seen from this run dir
             result["task"]["predictions"] = run.dir.relative(variant_dir.root / result["task"]["predictions"])
@@ -283,20 +285,23 @@ def run_baseline(run_dir: "str | os.PathLike | Run", setting: str, progress: boo
         allowed = ", ".join(["centralized"] + [f"site:{s}" for s in parts.sites])
         raise FedllmError(f"unknown setting {setting!r}; allowed: {allowed}")
     base = run.result("base")
-    result = train_alone(
-        cfg,
-        str(run.dir.base_model),
-        str(parsed),
-        train,
-        parts.combined_val(),
-        run.dir.model(parsed),
-        rounds_budget=cfg.federation.rounds,
-        events_file=str(run.dir.baseline_events(parsed)),
-        progress=progress,
-        scorer=make_scorer(cfg, parts, load_tokenizer(run.dir.base_model)),
-        # Every baseline starts from the base model, scored on the same rows by score_base.
-        base_val_loss=base["val_loss"] if base is not None else None,
-    )
+    with tracking.track_setting(cfg, run.dir, parsed) as tracker:
+        result = train_alone(
+            cfg,
+            str(run.dir.base_model),
+            str(parsed),
+            train,
+            parts.combined_val(),
+            run.dir.model(parsed),
+            rounds_budget=cfg.federation.rounds,
+            events_file=str(run.dir.baseline_events(parsed)),
+            progress=progress,
+            scorer=make_scorer(cfg, parts, load_tokenizer(run.dir.base_model)),
+            # Every baseline starts from the base model, scored on the same rows by score_base.
+            base_val_loss=base["val_loss"] if base is not None else None,
+        )
+        if tracker is not None:
+            tracker.log_curve("val_loss", result["val_loss_curve"])
     scores = result.pop("task_scores", None)
     if scores:
         result["task"] = record_task(cfg, run.root, str(parsed), scores["curve"], scores["final"])
@@ -322,13 +327,16 @@ def score_base(run_dir: "str | os.PathLike | Run", store: Optional[str] = None) 
     module = CausalLMModule(str(base), "sft")
     module.site_name = "base"
     tokenizer, parts = load_tokenizer(base), run.partitions
-    loss = evaluate_loss(cfg, module, tokenizer, parts.combined_val())
-    result = {"kind": "base", "model_dir": str(base), "adapter_dir": None, "val_loss": loss}
-    scorer = make_scorer(cfg, parts, tokenizer)
-    if scorer is not None:
-        final = scorer.score(module.model, autocast_dtype=autocast_dtype(cfg))
-        curve = [{"round": 0, "step": 0, "accuracy": final["accuracy"], "macro_f1": final["macro_f1"]}]
-        result["task"] = record_task(cfg, run.root, "base", curve, final)
+    with tracking.track_setting(cfg, run.dir, "base") as tracker:  # its validate event is val_loss at step 0
+        loss = evaluate_loss(cfg, module, tokenizer, parts.combined_val())
+        result = {"kind": "base", "model_dir": str(base), "adapter_dir": None, "val_loss": loss}
+        scorer = make_scorer(cfg, parts, tokenizer)
+        if scorer is not None:
+            final = scorer.score(module.model, autocast_dtype=autocast_dtype(cfg))
+            curve = [{"round": 0, "step": 0, "accuracy": final["accuracy"], "macro_f1": final["macro_f1"]}]
+            result["task"] = record_task(cfg, run.root, "base", curve, final)
+            if tracker is not None:
+                tracker.log({"accuracy": final["accuracy"], "macro_f1": final["macro_f1"]}, 0)
     run.write_result("base", result)
     run.publish("base")
     return result
@@ -360,6 +368,7 @@ def evaluate_setting(run_dir: "str | os.PathLike | Run", setting: str, store: Op
         output=run.dir.eval_file(setting),
     )
     events.emit("evaluated", site=setting, mean=result["metrics"]["mean"]["value"], seconds=result["seconds"])
+    tracking.log_evaluation(run.cfg, run.dir, setting, result["metrics"])
     run.publish("evals")
     return result
 

@@ -28,6 +28,7 @@ from fedllm.config import load_config
 from fedllm.data import load_partitions
 from fedllm.rundir import RunDir
 from fedllm.tensors import tensor_bytes
+from fedllm.tracking import stream_site_metrics
 from fedllm.train.model import load_tokenizer
 from fedllm.train.dataset import collate
 from fedllm.train.site import SiteDataModule, build_module, make_trainer, set_threads, steps_per_round
@@ -160,6 +161,7 @@ def main(argv=None) -> None:
     cfg = load_config(run_dir.config)
     set_threads(cfg)
     flare.init()
+    stream_site_metrics(cfg.tracking)  # tracking: this site's metrics to the server's receivers
     site = flare.get_site_name()
     partitions = load_partitions(run_dir.data)
     base_dir = str(run_dir.base_model)

@@ -17,6 +17,7 @@ from fedllm.federation import client as client_script
 from fedllm.federation.aggregation import RunningWeightedAverage
 from fedllm.federation.persistor import RoundCheckpointPersistor
 from fedllm.rundir import RunDir
+from fedllm.tracking import add_receivers
 from fedllm.federation.tuning import (
     apply_memory_settings,
     apply_round_tuning,
@@ -97,6 +98,7 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         key_metric_mode="min",
     )
     _apply_settings(recipe, cfg)
+    add_receivers(recipe, cfg, layout, start_round)  # tracking: the server's TensorBoard / MLflow receivers
     return recipe
 
 
