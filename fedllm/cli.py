@@ -23,6 +23,26 @@ def _out_dir(args, cfg) -> Path:
     return Path(args.out or cfg.output_dir)
 
 
+def _log_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("auto", "live", "json"), default="auto",
+                   help="live: one live view of the steps, sites, loss, tokens/s and ETA; json: the event lines, one "
+                        "per event (stdout holds nothing else; the closing summary goes to stderr); "
+                        "auto (default): live at a terminal, json otherwise")
+
+
+def _console(args, plan):
+    """The command's output: the live view or the event lines (fedllm.progress)."""
+    from fedllm.progress import console_output
+
+    return console_output(plan, "json" if getattr(args, "no_progress", False) else args.log_format)
+
+
+def _say(on_stdout: bool, *lines: str) -> None:
+    """The command's closing lines: after the live view, on stdout; with JSON event lines,
+    on stderr, so that stdout holds event lines only."""
+    print(*lines, sep="\n", file=sys.stdout if on_stdout else sys.stderr)
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment config (YAML), e.g. configs/demo.yaml")
     p.add_argument("--out", help="run directory (default: the config's output_dir)")
@@ -38,11 +58,10 @@ def cmd_partition(args) -> int:
     return 0
 
 
-def cmd_federate(args) -> int:
+def _federate(args, cfg):
     from fedllm.run import is_prepared, open_run, prepare, run_federation
     from fedllm.rundir import RunDir
 
-    cfg = _load(args)
     out = _out_dir(args, cfg)
     if args.resume and not args.reprepare:
         run = open_run(out, args.store) if is_prepared(cfg, out) else prepare(cfg, out, store=args.store)
@@ -56,16 +75,38 @@ def cmd_federate(args) -> int:
 
         runner = submitter(args.submit, timeout_s=args.timeout)
     result = run_federation(run, resume=args.resume, runner=runner)
-    print(f"fedavg: val_loss {result['val_loss']:.4f} after {len(result['time_per_round_s'])} rounds "
-          f"({result['job_seconds']:.1f} s); global models in {run.dir.rounds}")
+    return result, run
+
+
+def cmd_federate(args) -> int:
+    from fedllm.progress import Plan
+
+    cfg = _load(args)
+    if args.submit:  # its log is the job's own, in plain lines (fedllm.federation.submit.EventTail)
+        result, run = _federate(args, cfg)
+    else:
+        with _console(args, Plan.of_run(cfg, "federate", steps=["prepare", "fedavg"])) as view:
+            result, run = _federate(args, cfg)
+    _say(bool(args.submit) or view is not None,
+         f"fedavg: val_loss {result['val_loss']:.4f} after {len(result['time_per_round_s'])} rounds "
+         f"({result['job_seconds']:.1f} s); global models in {run.dir.rounds}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from fedllm.run import run_baseline, score_base
+    from fedllm.progress import Plan
+    from fedllm.run import open_run, run_baseline, score_base
+    from fedllm.rundir import Setting
 
-    result = score_base(args.run_dir) if args.setting == "base" else run_baseline(args.run_dir, args.setting, progress=True)
-    print(f"{args.setting}: val_loss {result['val_loss']:.4f}")
+    kind = Setting.parse(args.setting).kind
+    steps = ["base" if kind == "base" else args.setting if kind == "fedavg" else "baseline"]
+    try:
+        plan = Plan.of_run(open_run(args.run_dir).cfg, "train", steps=steps)
+    except FedllmError:  # not a prepared run: the step itself says so
+        plan = Plan("train", steps)
+    with _console(args, plan) as view:
+        result = score_base(args.run_dir) if args.setting == "base" else run_baseline(args.run_dir, args.setting)
+    _say(view is not None, f"{args.setting}: val_loss {result['val_loss']:.4f}")
     return 0
 
 
@@ -78,16 +119,17 @@ def cmd_summarize(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from fedllm.progress import Plan
+    from fedllm.report import format_table_text
     from fedllm.run import run_experiment
 
     cfg = _load(args)
-    from fedllm.report import format_table_text
-
     run = _out_dir(args, cfg)
-    summary = run_experiment(cfg, run, progress=not args.no_progress, store=args.store, resume=args.resume)
-    print()
-    print(format_table_text(summary))
-    print(f"\nsummary: {run / 'summary.json'}\nreport:  {run / 'report' / 'index.html'}")
+    # The live view (or the event lines) is the progress: no Lightning bars.
+    with _console(args, Plan.of_run(cfg)) as view:
+        summary = run_experiment(cfg, run, progress=False, store=args.store, resume=args.resume)
+    _say(view is not None, "", format_table_text(summary),
+         f"\nsummary: {run / 'summary.json'}\nreport:  {run / 'report' / 'index.html'}")
     return 0
 
 
@@ -126,18 +168,21 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args) -> int:
     from fedllm.evaluate import batch_size_from_text, evaluate_model
+    from fedllm.progress import Plan
 
-    result = evaluate_model(
-        args.model,
-        adapter_path=args.adapter,
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-        limit=args.limit,
-        batch_size=batch_size_from_text(args.batch_size),
-        task_data=args.task_data,
-        output=args.output,
-        source=args.source,
-        dtype=args.dtype,
-    )
+    # Its scores below are its result, on stdout in either mode: it writes no event lines.
+    with _console(args, Plan("evaluate", ["evaluate"])):
+        result = evaluate_model(
+            args.model,
+            adapter_path=args.adapter,
+            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+            limit=args.limit,
+            batch_size=batch_size_from_text(args.batch_size),
+            task_data=args.task_data,
+            output=args.output,
+            source=args.source,
+            dtype=args.dtype,
+        )
     for name, m in result["metrics"].items():
         err = f" ± {m['stderr']:.3f}" if m.get("stderr") is not None else ""
         print(f"{name:22s} {m['value']:.4f}{err}")
@@ -179,11 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "sites must see the run dir at the same path; the store (--store, $FEDLLM_STORE) receives the server's uploads and needs its credentials")
     p.add_argument("--timeout", type=float, default=0, metavar="SECONDS", help="with --submit: abort the job after this long (default: no limit)")
     _store_args(p)
+    _log_format_arg(p)
     p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("train", help="train one non-federated setting of a prepared run: site:<name>, centralized, or base (score only)")
     p.add_argument("run_dir")
     p.add_argument("--setting", required=True, help="site:<name>, centralized or base")
+    _log_format_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("summarize", help="collect a run's finished settings into summary.json")
@@ -200,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-data", help="folder or s3:// prefix with piqa/, winogrande/, hellaswag/ (default: $FEDLLM_EVAL_DATA_DIR)")
     p.add_argument("--source", default="offline", choices=["offline", "hub"], help="offline task data, or lm-eval's hub datasets")
     p.add_argument("--output", help="write the results JSON here")
+    _log_format_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("provision", help="NVFlare provisioning from the chart's values: startup kits and one K8s Secret per participant")
@@ -223,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole experiment: partition, FedAvg, baselines, summary")
     _config_args(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no live view: the same as --log-format json")
     _store_args(p)
+    _log_format_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bundle", help="upload a local model, data set or eval task folder to a store URI, with a manifest")

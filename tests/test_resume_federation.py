@@ -95,7 +95,7 @@ def test_resume_after_the_server_dies_matches_an_unbroken_run(tmp_path, monkeypa
         kept = {r: read_object(server.client(), f"runs/r/federation/rounds/round-{r:03d}/MANIFEST.json") for r in killed_at}
 
         done = fedllm("federate", str(config), "--out", str(run), "--store", store, "--resume")
-        assert f"after {ROUNDS} rounds" in done.stdout
+        assert f"after {ROUNDS} rounds" in done.stderr  # stdout: the event lines only
         assert stored_rounds(server, "runs/r") == list(range(1, ROUNDS + 1))
         for r, manifest in kept.items():  # persisted rounds were not run again
             assert read_object(server.client(), f"runs/r/federation/rounds/round-{r:03d}/MANIFEST.json") == manifest
