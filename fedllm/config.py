@@ -155,16 +155,42 @@ class TrainingConfig:
 
 
 @dataclass
-class FederationConfig:
-    """The NVFlare federation: FedAvg over ``rounds`` rounds.
+class FedProxConfig:
+    """FedProx's proximal term (``federation.algorithm: fedprox``): each site adds
+    mu/2·‖w − w_global‖² to its training loss, over the weights it exchanges, against the
+    global weights it received that round. ``mu`` = 0 trains exactly as FedAvg."""
 
+    mu: float = 0.01
+
+
+@dataclass
+class FedOptConfig:
+    """FedOpt's server optimizer (``federation.algorithm: fedopt``): each round the server
+    takes (global − the sites' weighted mean) as a gradient and steps ``optimizer`` on the
+    global weights. ``sgd``: ``lr`` and ``momentum`` (lr 1, momentum 0 is FedAvg);
+    ``adam``: ``lr``, ``betas`` and ``eps`` (Reddi et al.'s τ)."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+
+
+@dataclass
+class FederationConfig:
+    """The NVFlare federation: ``algorithm`` over ``rounds`` rounds.
+
+    ``algorithm`` is a key of the algorithm registry (``fedllm.federation.algorithms.ALGORITHMS``):
+    ``fedavg``, ``fedprox`` (parameters in ``fedprox``) or ``fedopt`` (parameters in ``fedopt``).
     ``weighting``: each site's update is weighted by its training samples, its
     optimizer steps, or uniformly. ``quantization`` compresses messages with
     NVFlare's quantization filters, one of ``fedllm.federation.quantization.MODES``.
-    ``algorithm`` is the one FedAvg that exists (FedProx and FedOpt are to come).
     """
 
-    algorithm: Literal["fedavg"] = "fedavg"
+    algorithm: str = "fedavg"
+    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    fedopt: FedOptConfig = field(default_factory=FedOptConfig)
     rounds: int = 3
     min_clients: Optional[int] = None
     weighting: Literal["samples", "steps", "uniform"] = "samples"
@@ -469,15 +495,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def check_registered_names(cfg: ExperimentConfig) -> None:
-    """Method, partition strategy, prompt template, record formats and quantization are checked against
+    """Method, federated algorithm, partition strategy, prompt template, record formats and quantization are checked against
     the registries that implement them, so adding one touches its own module only.
     Imported here, not at the top: those modules import this one."""
     from fedllm.data.formats import get_format
     from fedllm.data.partition import get_partitioner
     from fedllm.data.prompts import get_template
+    from fedllm.federation.algorithms import check_algorithm
     from fedllm.train.methods import get_method
 
     get_method(cfg.method.name)
+    check_algorithm(cfg.federation)
     get_partitioner(cfg.data.partition.strategy)
     get_template(cfg.data.template)
     for i, src in enumerate(cfg.data.sources):

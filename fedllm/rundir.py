@@ -49,6 +49,7 @@ BEST = f"{FEDERATION}/best"
 WORKSPACE = f"{FEDERATION}/workspace"
 ROUND_WEIGHTS = "exchanged.safetensors"
 ROUND_META = "meta.json"
+ROUND_SERVER_OPTIMIZER = "server_optimizer.safetensors"  # FedOpt: the server optimizer's state after the round
 TOP_FILES = (CONFIG, MODEL_INFO, SUMMARY)
 
 

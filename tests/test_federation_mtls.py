@@ -131,6 +131,37 @@ def _try_session(new_secure_session, username: str, admin_dir: Path):
         return None
 
 
+@pytest.mark.parametrize("algorithm, overrides", [
+    ("fedprox", ["federation.algorithm=fedprox", "federation.fedprox.mu=0.5"]),
+    ("fedopt", ["federation.algorithm=fedopt", "federation.fedopt.momentum=0.6"]),
+])
+def test_fedprox_and_fedopt_jobs_complete_on_the_federation(federation, tmp_path, capsys, monkeypatch, algorithm,
+                                                            overrides):
+    """`federation.algorithm: fedprox` (mu > 0) and `fedopt`, submitted with `fedllm federate
+    --submit`: the job completes, only the LoRA adapter travels, FedOpt's server optimizer
+    state is persisted with every round, and the summary records which algorithm ran
+    (tests/test_federation_algorithms.py checks the numbers in the simulator)."""
+    from fedllm.cli import main
+    from fedllm.federation.submit import SITE_PYTHON_ENV
+
+    fed, _ = federation
+    monkeypatch.setenv(SITE_PYTHON_ENV, sys.executable)  # this federation's sites run this environment
+    run = tmp_path / algorithm
+    sets = [arg for override in [*LORA_JOB, *overrides] for arg in ("--set", override)]
+    assert main(["federate", str(TINY_CONFIG), *sets, "--out", str(run), "--submit", str(fed.admin_kit),
+                 "--timeout", "240"]) == 0
+    out = capsys.readouterr().out
+    assert "FINISHED:COMPLETED" in out, out
+    summary = json.loads((run / "settings" / "fedavg.json").read_text())
+    assert summary["algorithm"]["name"] == algorithm
+    assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))
+    adapter_bytes = json.loads((run / "model.json").read_text())["trainable_parameters"] * 4  # fp32
+    assert all(r["sent"] == r["received"] == adapter_bytes for rounds in summary["bytes_per_round"].values() for r in rounds)
+    for r in range(1, ROUNDS + 1):
+        state = run / "federation" / "rounds" / f"round-{r:03d}" / "server_optimizer.safetensors"
+        assert state.is_file() == (algorithm == "fedopt"), state
+
+
 def test_fedllm_federate_submit_runs_the_job_there_and_summarizes_it_as_the_simulator(federation, tmp_path, capsys,
                                                                                     monkeypatch):
     """`fedllm federate CONFIG --submit ADMIN_KIT --out RUN`: the admin Secret as mounted,

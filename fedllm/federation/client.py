@@ -26,11 +26,13 @@ from nvflare.app_common.abstract.fl_model import MetaKey
 from fedllm import events
 from fedllm.config import load_config
 from fedllm.data import load_partitions
+from fedllm.federation.algorithms import fedprox_mu
 from fedllm.rundir import RunDir
 from fedllm.tensors import tensor_bytes
 from fedllm.tracking import stream_site_metrics
 from fedllm.train.model import load_tokenizer
 from fedllm.train.dataset import collate
+from fedllm.train.proximal import ProximalTerm
 from fedllm.train.site import SiteDataModule, build_module, make_trainer, set_threads, steps_per_round
 
 
@@ -174,6 +176,9 @@ def main(argv=None) -> None:
     module = build_module(cfg, base_dir, total_steps=cfg.federation.rounds * per_round)
     module.site_name = site
     module.events_file = str(run_dir.site_events(site))
+    mu = fedprox_mu(cfg.federation)
+    if mu > 0:  # FedProx; with mu = 0 nothing is added and the site trains as under FedAvg
+        module.proximal = ProximalTerm(mu)
     weight = {"samples": float(data.num_train_examples), "uniform": 1.0, "steps": None}[cfg.federation.weighting]
 
     trainer = make_trainer(cfg, max_steps=per_round)

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from fedllm import events
 from fedllm.config import ExperimentConfig
 from fedllm.errors import FedllmError
+from fedllm.federation.algorithms import algorithm_record
 from fedllm.federation.job import build_recipe, job_name
 from fedllm.federation.persistor import load_round, round_dir
 from fedllm.rundir import RunDir, round_name
@@ -324,5 +325,7 @@ def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: 
         summary["task"] = record_task(cfg, run_dir, "fedavg", curve, final)
     summary["job_seconds"] = seconds
     summary["steps"] = last * max(spr.values())
+    # which federated algorithm produced these models, with its parameters (fedllm.federation.algorithms)
+    summary["algorithm"] = algorithm_record(cfg.federation)
     summary.update(module.export(str(layout.model("fedavg")), tokenizer=tokenizer))
     return summary

@@ -1,4 +1,5 @@
-"""The NVFlare job for a fedllm experiment: FedAvg from NVFlare's recipe API.
+"""The NVFlare job for a fedllm experiment: FedAvg from NVFlare's recipe API (FedProx and
+FedOpt on the same recipe: fedllm.federation.algorithms).
 
 The same job runs in the simulator (``fedllm federate``), in POC mode and on a
 production federation (submitted through the admin API). The server rebuilds
@@ -15,6 +16,7 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from fedllm.config import ExperimentConfig
 from fedllm.federation import client as client_script
 from fedllm.federation.aggregation import RunningWeightedAverage
+from fedllm.federation.algorithms import server_optimizer_args
 from fedllm.federation.persistor import RoundCheckpointPersistor
 from fedllm.rundir import RunDir
 from fedllm.tracking import add_receivers
@@ -36,19 +38,54 @@ def job_name(cfg: ExperimentConfig) -> str:
 
 class ResumableFedAvgRecipe(FedAvgRecipe):
     """FedAvgRecipe whose controller starts at ``start_round`` (NVFlare's FedAvg
-    controller supports it; the recipe does not pass it on)."""
+    controller supports it; the recipe does not pass it on).
 
-    def __init__(self, *, start_round: int = 0, **kwargs):
-        self.start_round = start_round  # read by _get_controller_kwargs during super().__init__
+    ``server_optimizer``: NVFlare's ``optimizer_args`` for FedOpt; the controller is then
+    fedllm's :class:`~fedllm.federation.fedopt.ServerOptimizer` (NVFlare's FedOpt controller
+    over this recipe's persistor and aggregator; why not NVFlare's FedOptRecipe: see
+    fedllm/federation/fedopt.py). None: NVFlare's FedAvg.
+    """
+
+    def __init__(self, *, start_round: int = 0, server_optimizer: dict | None = None, **kwargs):
+        # both read by the controller's construction during super().__init__
+        self.start_round = start_round
+        self.server_optimizer = server_optimizer
         super().__init__(**kwargs)
 
     def _get_controller_kwargs(self) -> dict:
         return {**super()._get_controller_kwargs(), "start_round": self.start_round}
 
+    def _create_controller(self, persistor_id: str, model_params, model_aggregator):
+        if self.server_optimizer is None:
+            return super()._create_controller(persistor_id, model_params, model_aggregator)
+        from nvflare.recipe.utils import ensure_config_type_dict
+
+        from fedllm.federation.fedopt import ServerOptimizer
+
+        # FedAvgRecipe._create_controller's arguments, to FedOpt's controller.
+        return ServerOptimizer(
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            persistor_id=persistor_id,
+            model=model_params,
+            save_filename=self.save_filename,
+            aggregator=model_aggregator,
+            stop_cond=self.stop_cond,
+            patience=self.patience,
+            task_name="train",
+            exclude_vars=self.exclude_vars,
+            aggregation_weights=self.aggregation_weights,
+            memory_gc_rounds=self.server_memory_gc_rounds,
+            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+            # config_type "dict": the job's config loader must not build the optimizer itself
+            optimizer_args=ensure_config_type_dict(self.server_optimizer),
+            **self._get_controller_kwargs(),
+        )
+
 
 def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], start_round: int = 0,
                  store: str = "", site_python: str | None = None) -> FedAvgRecipe:
-    """A FedAvg recipe over ``sites`` for the prepared run dir.
+    """A FedAvg recipe over ``sites`` for the prepared run dir, running ``federation.algorithm``.
 
     ``run_dir`` must hold ``config.yaml``, ``data/`` and ``models/base`` (see
     ``fedllm.run.prepare_run``) and be readable by the server and every site
@@ -78,6 +115,9 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
     )
     recipe = ResumableFedAvgRecipe(
         start_round=start_round,
+        # FedOpt steps a server optimizer on the global weights; FedAvg and FedProx average
+        # (FedProx's term is in the sites' loss: fedllm/federation/client.py).
+        server_optimizer=server_optimizer_args(cfg.federation),
         name=job_name(cfg),
         min_clients=cfg.federation.min_clients or len(sites),
         num_rounds=cfg.federation.rounds - start_round,

@@ -28,17 +28,24 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedllm import events
-from fedllm.rundir import ROUND_META, ROUND_WEIGHTS, round_key, round_name
+from fedllm.rundir import ROUND_META, ROUND_SERVER_OPTIMIZER, ROUND_WEIGHTS, round_key, round_name
 from fedllm.tensors import tensor_bytes
+
+#: the global model's meta key under which FedOpt's controller (fedllm.federation.fedopt) hands
+#: its optimizer's state to this persistor with a round's weights, and gets it back when a job
+#: resumes from that round; persisted as the round's ``server_optimizer.safetensors``
+SERVER_OPTIMIZER_STATE = "fedllm_server_optimizer_state"
 
 
 def round_dir(checkpoint_dir: str | os.PathLike, round_number: int) -> Path:
     return Path(checkpoint_dir) / round_name(round_number)
 
 
-def save_round(checkpoint_dir: str | os.PathLike, round_number: int, weights: dict, meta: dict) -> Path:
+def save_round(checkpoint_dir: str | os.PathLike, round_number: int, weights: dict, meta: dict,
+               server_optimizer: dict | None = None) -> Path:
     """Write one round's exchanged weights atomically (temp dir + rename), with a
-    MANIFEST.json whose meta is ``meta``."""
+    MANIFEST.json whose meta is ``meta``; ``server_optimizer``: FedOpt's optimizer state
+    (name → tensor), written beside them and covered by the same manifest."""
     from safetensors.torch import save_file
 
     from fedllm.artifacts import write_local_manifest
@@ -48,6 +55,8 @@ def save_round(checkpoint_dir: str | os.PathLike, round_number: int, weights: di
     tmp.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)).contiguous().cpu() for k, v in weights.items()}
     save_file(tensors, str(tmp / ROUND_WEIGHTS))
+    if server_optimizer is not None:
+        save_file({k: v.contiguous().cpu() for k, v in server_optimizer.items()}, str(tmp / ROUND_SERVER_OPTIMIZER))
     (tmp / ROUND_META).write_text(json.dumps(meta, indent=2))
     write_local_manifest(tmp, meta)
     if final.exists():
@@ -62,6 +71,14 @@ def load_round(checkpoint_dir: str | os.PathLike, round_number: int) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(round_dir(checkpoint_dir, round_number) / ROUND_WEIGHTS))
+
+
+def load_server_optimizer(checkpoint_dir: str | os.PathLike, round_number: int) -> dict | None:
+    """FedOpt's optimizer state persisted with round ``round_number``; None when the round has none."""
+    from safetensors.torch import load_file
+
+    path = round_dir(checkpoint_dir, round_number) / ROUND_SERVER_OPTIMIZER
+    return load_file(str(path)) if path.is_file() else None
 
 
 class RoundCheckpointPersistor(PTFileModelPersistor):
@@ -106,6 +123,11 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
                 load_round(self.checkpoint_dir, self.resume_round), allow_numpy_conversion=False
             )
             learnable = self.persistence_manager.to_model_learnable(self.exclude_vars)
+            server_optimizer = load_server_optimizer(self.checkpoint_dir, self.resume_round)
+            if server_optimizer is not None:
+                # for FedOpt's controller, which takes it out of the meta before round 1 is sent
+                learnable[ModelLearnableKey.META] = {**(learnable.get(ModelLearnableKey.META) or {}),
+                                                     SERVER_OPTIMIZER_STATE: server_optimizer}
         events.emit("job_start", file=self.events_file or None, site="server", round=self.resume_round)
         return learnable
 
@@ -130,13 +152,15 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
                         val_loss=float(metrics["val_loss"]))
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext):
+        # FedOpt's optimizer state goes to the round's folder, not into NVFlare's own checkpoint.
+        server_optimizer = (ml.get(ModelLearnableKey.META) or {}).pop(SERVER_OPTIMIZER_STATE, None)
         super().save_model(ml, fl_ctx)
         current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         completed = int(current) + 1 if current is not None else 0
         weights = ml[ModelLearnableKey.WEIGHTS]
         nbytes = tensor_bytes(weights)
         meta = {"round": completed, "bytes": nbytes, "saved_at": time.time(), "config_hash": self.config_hash}
-        folder = save_round(self.checkpoint_dir, completed, weights, meta)
+        folder = save_round(self.checkpoint_dir, completed, weights, meta, server_optimizer=server_optimizer)
         if self.store:
             from fedllm.store import open_store
 

@@ -64,15 +64,15 @@ def plot_setting_curves(axes, settings: list[tuple[str, dict]], points: dict, ba
         if key == "base" or setting.get("kind") == "base":
             value = base_value(key, setting, points[key])
             if value is not None:
-                axes.axhline(value, color="grey", linestyle=":", linewidth=1.5, label=f"{display_name(key)} (untrained)")
+                axes.axhline(value, color="grey", linestyle=":", linewidth=1.5, label=f"{display_name(key, setting)} (untrained)")
             continue
         if not points[key]:
             continue
         xs, ys = zip(*points[key])
         if is_federated(key, setting):
             axes.plot(xs, ys, drawstyle="steps-post", marker="o", markersize=6, linewidth=2.2,
-                      color=next(federated_colours), label=f"{display_name(key)} (global model per round)", zorder=3)
+                      color=next(federated_colours), label=f"{display_name(key, setting)} (global model per round)", zorder=3)
         elif key == "centralized" or setting.get("kind") == "centralized":
-            axes.plot(xs, ys, color="black", linewidth=1.6, label=display_name(key))
+            axes.plot(xs, ys, color="black", linewidth=1.6, label=display_name(key, setting))
         else:
-            axes.plot(xs, ys, color=next(site_colours), linewidth=1.4, label=f"{display_name(key)} alone")
+            axes.plot(xs, ys, color=next(site_colours), linewidth=1.4, label=f"{display_name(key, setting)} alone")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedllm.federation.algorithms import algorithm_label
 from fedllm.report.document import Facts, Paragraph, Section
 from fedllm.report.run_summary import number
 
@@ -36,6 +37,10 @@ def header_section(summary: dict, source: str) -> Section:
             counts = sorted(set(steps.values()))
             steps = counts[0] if len(counts) == 1 else ", ".join(f"{site} {n}" for site, n in steps.items())
         facts.append(("Federation", f"{summary['rounds']} rounds × {steps} steps per site per round"))
+    federated = (summary.get("settings") or {}).get("fedavg")
+    if isinstance(federated, dict):
+        # the setting's key stays "fedavg" (summary.json's layout); what ran is recorded in it
+        facts.append(("Algorithm", algorithm_label(federated.get("algorithm"))))
 
     section = Section("Run", [Facts(facts)])
     if model.get("source") == "tiny":

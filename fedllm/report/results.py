@@ -76,7 +76,7 @@ def results_table(summary: dict, source: str = SUMMARY) -> list[dict]:
             else:
                 value, stderr = _score(scores.get(column.key), f"{where}.eval.{column.key}")
             cells[column.key] = {"value": value, "stderr": stderr, "best": False}
-        rows.append({"setting": key, "name": display_name(key), "cells": cells})
+        rows.append({"setting": key, "name": display_name(key, setting), "cells": cells})
     _mark_best(rows, columns)
     return rows
 

@@ -64,14 +64,22 @@ def ordered_settings(summary: dict) -> list[tuple[str, dict]]:
     return [(key, settings[key]) for key in order if key in settings]
 
 
-def display_name(setting_key: str) -> str:
+def display_name(setting_key: str, setting: Optional[dict] = None) -> str:
     """The name a reader sees for a setting: ``site:dolly`` → ``dolly``, ``fedavg`` → ``FedAvg``,
-    ``fedavg:product_svd`` → ``FedAvg (product SVD)``."""
+    ``fedavg:product_svd`` → ``FedAvg (product SVD)``. Given the setting's entry, a federated
+    setting is named by the algorithm it records (``algorithm``): ``FedProx (μ=0.01)``,
+    ``FedOpt (SGD, lr 1, momentum 0.6, product SVD)``; the key stays ``fedavg`` whatever ran."""
+    from fedllm.federation.algorithms import algorithm_label
+
     if setting_key.startswith("site:"):
         return setting_key[len("site:"):]
+    record = (setting or {}).get("algorithm") if setting_key == "fedavg" or setting_key.startswith("fedavg:") else None
     if setting_key.startswith("fedavg:"):
         words = setting_key[len("fedavg:"):].replace("-", "_").split("_")
-        return f"FedAvg ({' '.join(_ACRONYMS.get(w.lower(), w) for w in words if w)})"
+        variant = " ".join(_ACRONYMS.get(w.lower(), w) for w in words if w)
+        return algorithm_label(record, extra=[variant]) if isinstance(record, dict) else f"FedAvg ({variant})"
+    if isinstance(record, dict):
+        return algorithm_label(record)
     return _DISPLAY_NAMES.get(setting_key, setting_key)
 
 

@@ -133,8 +133,9 @@ def _table(summary: dict, settings: list[tuple[str, dict]], curves: dict) -> Tab
         shown = [round(values[r], DECIMALS) for _, values in rows if values.get(r) is not None]
         best[r] = max(shown) if shown else None
     table_rows = []
+    entries = dict(settings)
     for key, values in rows:
-        cells = [Cell(display_name(key))]
+        cells = [Cell(display_name(key, entries.get(key)))]
         for r in rounds:
             value = values.get(r)
             text = MISSING if value is None else f"{value:.{DECIMALS}f}"

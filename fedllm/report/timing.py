@@ -27,7 +27,7 @@ def timing_section(summary: dict, source: str) -> Section:
         if job_seconds is not None:
             in_rounds = sum(seconds for _, seconds, _ in rounds)
             overhead = f"; {job_seconds - in_rounds:.1f} s outside rounds (start-up, shutdown)" if rounds else ""
-            section.blocks.append(Paragraph(f"{display_name(key)} job: {job_seconds:.1f} s in all{overhead}."))
+            section.blocks.append(Paragraph(f"{display_name(key, setting)} job: {job_seconds:.1f} s in all{overhead}."))
     if not rounds_recorded:
         section.blocks.append(not_recorded("Time per round"))
 
@@ -103,7 +103,7 @@ def _throughput_table(settings: list[tuple[str, dict]], source: str) -> Table | 
         if seconds is None and tokens_per_s is None and job is None:
             continue  # the base model is not trained
         rows.append([
-            Cell(display_name(key)),
+            Cell(display_name(key, setting)),
             Cell(f"{seconds:.1f}" if seconds is not None else MISSING, numeric=True),
             Cell(f"{int(steps):,}" if steps is not None else MISSING, numeric=True),
             Cell(f"{tokens_per_s:,.0f}" if tokens_per_s is not None else MISSING, numeric=True),

@@ -23,6 +23,7 @@ import torch
 from fedllm import events
 from fedllm.tensors import tensor_bytes
 from fedllm.train.methods import ParameterCount, apply_method, count_parameters, get_method
+from fedllm.train.proximal import ProximalTerm
 from fedllm.train.model import load_causal_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,6 +119,8 @@ class CausalLMModule(pl.LightningModule):
         self.current_round: Optional[int] = None
         self.events_file: Optional[str] = None
         self.log_every = int(self.train_args.get("log_every", 10))
+        # FedProx (set by the NVFlare client script): mu/2·‖w − w_global‖² joins the loss.
+        self.proximal: Optional[ProximalTerm] = None
         self._reset_meters()
 
     # -- what travels ------------------------------------------------------
@@ -158,10 +161,18 @@ class CausalLMModule(pl.LightningModule):
         self.last_val_loss: Optional[float] = None
         self.last_val_tokens = 0
 
+    def on_train_start(self):
+        # NVFlare's callback has loaded this round's global weights by now (callbacks' hooks
+        # run before the module's): they are what the proximal term pulls towards.
+        if self.proximal is not None:
+            self.proximal.start_round(self.model)
+
     def training_step(self, batch, batch_idx):
         loss_sum, count = token_loss(self.model, batch)
         loss = loss_sum / count.clamp(min=1)
-        self._last_train_loss = loss.detach()
+        self._last_train_loss = loss.detach()  # the task's loss: comparable across algorithms
+        if self.proximal is not None:
+            loss = loss + self.proximal(self.model)
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
