@@ -92,12 +92,6 @@ def open_run(run: "str | os.PathLike | Run", store: Optional[str] = None) -> Run
     return Run(layout, load_config(layout.config), store_uri_of(store))
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[Path, ExperimentConfig]:
-    """``(root, config)`` of a prepared run folder (what a process given only a path reads)."""
-    run = open_run(run_dir)
-    return run.root, run.cfg
-
-
 # kind → keys every result of that kind carries (what the report and evaluation read).
 RESULT_KEYS = {
     "base": ("val_loss", "model_dir", "adapter_dir"),

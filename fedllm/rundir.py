@@ -16,6 +16,7 @@ and sites, the store mirror and the report agree by construction::
     federation/best.json  federation/workspace/  federation/job/
     variants/<setting>/                        a federated variant (``fedavg:<aggregation>``): a run folder of its own
     report/                                    index.html, report.md, figures
+    tracking/tensorboard/<setting>/  tracking/<setting>.mlflow.json   TensorBoard files, MLflow run ids
 
 A setting's file name is its name with ``:`` turned into ``-`` (``site:clinic`` →
 ``site-clinic``); the same relative names are the store's keys.
@@ -42,6 +43,7 @@ EVALS = "evals"
 TASKS = "tasks"
 EVENTS = "events"
 REPORT = "report"
+TRACKING = "tracking"
 VARIANTS = "variants"
 FEDERATION = "federation"
 ROUNDS = f"{FEDERATION}/rounds"
@@ -212,6 +214,15 @@ class RunDir:
             raise FedllmError(f"setting {str(s)!r} has no variant run folder; only fedavg:<aggregation> settings do")
         return RunDir(self.root / VARIANTS / s.slug)
 
+    # -- experiment tracking -----------------------------------------------------------
+    def tensorboard(self, setting: str | Setting) -> Path:
+        """A setting's TensorBoard folder: one sub-folder per site (or ``global``)."""
+        return self.root / TRACKING / "tensorboard" / Setting.parse(setting).slug
+
+    def mlflow_run_file(self, setting: str | Setting) -> Path:
+        """The id of a setting's MLflow run, for the steps that log to it later."""
+        return self.root / TRACKING / f"{Setting.parse(setting).slug}.mlflow.json"
+
     # -- the report ---------------------------------------------------------------------
     @property
     def report(self) -> Path:
@@ -227,18 +238,18 @@ class RunDir:
         if step == "prepared":
             return [DATA, self.relative(self.base_model)]
         if step == "base":
-            return [SETTINGS, TASKS]
+            return [SETTINGS, TASKS, TRACKING]
         if step == "evals":
             return [EVALS]
         if step == "summary":
-            return [SETTINGS, EVALS, EVENTS, TASKS]
+            return [SETTINGS, EVALS, EVENTS, TASKS, TRACKING]
         if step == "report":
             return [REPORT]
         if step == "fedavg" or step.startswith("setting:"):
             setting = Setting.parse(step[len("setting:"):] if step.startswith("setting:") else step)
             where = self.variant(setting) if setting.is_variant else self
             model = where.model("fedavg") if setting.is_variant else self.model(setting)
-            return [SETTINGS] + [self.relative(p) for p in (model, where.events, where.root / TASKS)]
+            return [SETTINGS] + [self.relative(p) for p in (model, where.events, where.root / TASKS, where.root / TRACKING)]
         raise FedllmError(
             f"publish: unknown step {step!r}; expected prepared, base, fedavg, setting:<name>, evals, summary or report"
         )

@@ -50,7 +50,6 @@ METRICS = {
     "task_metric": {"accuracy": "accuracy", "macro_f1": "macro_f1"},
     "setting_end": {"tokens_per_s": "tokens_per_s"},  # a baseline's training speed over its whole budget
 }
-TRACKING = "tracking"
 #: where NVFlare's TensorBoard receiver writes, under the server's job folder
 SERVER_TB_FOLDER = "tb_events"
 MLFLOW_PARAM_CHARS = 500  # MLflow's limit on a parameter's value in older servers
@@ -102,15 +101,6 @@ def config_params(cfg: ExperimentConfig) -> dict[str, str]:
     return flat
 
 
-def tensorboard_dir(layout: RunDir, setting: str | Setting) -> Path:
-    """A setting's TensorBoard folder: one sub-folder per site (or ``global``)."""
-    return layout.root / TRACKING / "tensorboard" / Setting.parse(setting).slug
-
-
-def _run_id_file(layout: RunDir, setting: str | Setting) -> Path:
-    return layout.root / TRACKING / f"{Setting.parse(setting).slug}.mlflow.json"
-
-
 # -- MLflow -------------------------------------------------------------------------------
 
 
@@ -151,7 +141,7 @@ def start_mlflow_run(cfg: ExperimentConfig, layout: RunDir, setting: str | Setti
     tags = {"fedllm.setting": str(setting), "fedllm.run_dir": str(layout.root), "fedllm.config_sha256": cfg.fingerprint()}
     run = client.create_run(_experiment_id(client, experiment_name(cfg)), run_name=str(setting), tags=tags)
     _log_params(client, run.info.run_id, cfg)
-    path = _run_id_file(layout, setting)
+    path = layout.mlflow_run_file(setting)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"run_id": run.info.run_id, "experiment": experiment_name(cfg), "uri": cfg.tracking.mlflow.uri}))
     events.emit("mlflow_run", site=str(setting), run_id=run.info.run_id, experiment=experiment_name(cfg), uri=cfg.tracking.mlflow.uri)
@@ -160,7 +150,7 @@ def start_mlflow_run(cfg: ExperimentConfig, layout: RunDir, setting: str | Setti
 
 def mlflow_run_id(layout: RunDir, setting: str | Setting) -> Optional[str]:
     """The MLflow run id of ``setting`` in this run dir, if it was started."""
-    path = _run_id_file(layout, setting)
+    path = layout.mlflow_run_file(setting)
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
 
@@ -180,7 +170,7 @@ class SettingTracker:
             _require("tensorboard", "tracking.tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(tensorboard_dir(layout, setting) / name))
+            self.writer = SummaryWriter(log_dir=str(layout.tensorboard(setting) / name))
 
     def log(self, metrics: dict[str, float], step: Optional[int]) -> None:
         step = int(step or 0)
@@ -339,6 +329,6 @@ def copy_server_tensorboard(layout: RunDir, setting: str | Setting) -> list[str]
     copied = []
     for folder in sorted(layout.workspace.glob(f"**/{SERVER_TB_FOLDER}")):
         for site in sorted(p for p in folder.iterdir() if p.is_dir()):
-            shutil.copytree(site, tensorboard_dir(layout, setting) / site.name, dirs_exist_ok=True)
+            shutil.copytree(site, layout.tensorboard(setting) / site.name, dirs_exist_ok=True)
             copied.append(site.name)
     return copied

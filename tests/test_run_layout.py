@@ -97,11 +97,11 @@ def test_the_layout_names_every_step_s_folders(tmp_path):
     """What each step publishes to the store, under the run folder's own names."""
     layout = RunDir(tmp_path)
     assert layout.step_folders("prepared") == ["data", "models/base"]
-    assert layout.step_folders("fedavg") == ["settings", "models/fedavg", "events", "tasks"]
-    assert layout.step_folders("setting:site:a") == ["settings", "models/site-a", "events", "tasks"]
+    assert layout.step_folders("fedavg") == ["settings", "models/fedavg", "events", "tasks", "tracking"]
+    assert layout.step_folders("setting:site:a") == ["settings", "models/site-a", "events", "tasks", "tracking"]
     assert layout.step_folders("setting:fedavg:product_svd") == [
         "settings", "variants/fedavg-product_svd/models/fedavg", "variants/fedavg-product_svd/events",
-        "variants/fedavg-product_svd/tasks"]
+        "variants/fedavg-product_svd/tasks", "variants/fedavg-product_svd/tracking"]
     assert layout.round(7) == tmp_path.resolve() / "federation" / "rounds" / "round-007"
     assert layout.baseline_events("site:site-1") != layout.site_events("site-1")
     with pytest.raises(FedllmError, match="publish: unknown step 'bogus'"):
