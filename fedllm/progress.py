@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import math
 import os
 import select
@@ -65,6 +66,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    # lm-eval's notes on its tasks ("Overwriting default num_fewshot ...") are logged as warnings.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     # Imported already (a test calling the CLI in-process): the variables came too late.
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
@@ -129,6 +132,7 @@ class Step:
     rows: list[str] = field(default_factory=list)
     total: Optional[int] = None  # optimizer steps (a federation: one site's, the sites train at once)
     jobs: int = 0  # a federation's job_start events seen
+    named: bool = False  # a baseline's label is its setting's name (from its setting_start)
 
 
 class ProgressView:
@@ -254,8 +258,8 @@ class ProgressView:
         """The step of ``setting`` trained alone: named so already, or the next baseline not started."""
         for i in range(self.current, len(self.steps)):
             step = self.steps[i]
-            if step.label == setting or (step.kind == "baseline" and step.started is None):
-                step.label = setting
+            if step.label == setting or (step.kind == "baseline" and not step.named):
+                step.label, step.named = setting, True
                 return i
         return self.current
 

@@ -152,3 +152,15 @@ def test_the_view_follows_a_run_with_a_variant_and_evaluation_from_its_events():
         assert label == ("report" if n == 6 else f"evaluate {n + 1} of 6")
     events({"event": "run_end", "site": "driver"})
     assert view.step_label() == "done" and view.eta() == 0 and "step 9/9: done" in screen()
+
+
+def test_the_view_of_one_setting_trained_alone_names_it():
+    """`fedllm train RUN --setting site:a`: its one step takes the setting's name."""
+    from fedllm.progress import Plan, ProgressView
+
+    view = ProgressView(Plan("train", ["baseline"], rounds=2, steps_per_round=2))
+    assert view.step_label() == "baseline"
+    view.handle({"event": "setting_start", "site": "site:a", "steps": 4})
+    assert view.step_label() == "site:a" and view.rows["site:a"].steps == 4
+    view.handle({"event": "setting_end", "site": "site:a", "step": 4, "loss": 1.5})
+    assert view.step_label() == "site:a" and view.rows["site:a"].state == "done" and view.eta() == 0

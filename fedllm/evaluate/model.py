@@ -105,7 +105,20 @@ def rephrase_peft_error(error: Exception, adapter_dir: Path, model_dir: Path) ->
 def _hflm_classes():
     from lm_eval.models.huggingface import HFLM
 
-    class PromptLearningHFLM(HFLM):
+    class QuietHFLM(HFLM):
+        """lm-eval's ``hf`` model without its progress bars, which it draws whatever
+        ``$TQDM_DISABLE`` says: fedllm shows progress itself (fedllm.progress)."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    class PromptLearningHFLM(QuietHFLM):
         """lm-eval's ``hf`` model for a prompt-learning adapter: the token window is
         ``num_virtual_tokens`` shorter, so real plus virtual tokens fit the model."""
 
@@ -117,7 +130,7 @@ def _hflm_classes():
         def max_length(self) -> int:
             return super().max_length - self.num_virtual_tokens
 
-    return HFLM, PromptLearningHFLM
+    return QuietHFLM, PromptLearningHFLM
 
 
 #: the batch size fedllm scores with on a CPU. lm-eval's ``"auto"`` probe is for GPU memory:
