@@ -1,7 +1,7 @@
 """What a step prints while it runs: the event lines, or a live view of them at a terminal.
 
 ``fedllm run`` (and ``federate``, ``train``, ``evaluate``) runs inside :func:`console_output`.
-Not at a terminal (a pod, CI, ``| tee``), or with ``--log-format json``, stdout carries
+Not at a terminal (a pod, CI, ``| tee``, ``> run.log``), or with ``--log-format json``, stdout carries
 the event lines of ``fedllm.events`` exactly as they are written, one per event. At a
 terminal (``--log-format auto``, the default, or ``live``) the same lines are read back
 instead of shown and drive one live view (``rich``): the experiment's step, each site's
@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import select
+import stat
 import sys
 import threading
 import time
@@ -487,6 +489,15 @@ class _OutputPipe:
             self._caught_up.set()
 
 
+def _stdout_appends() -> None:
+    """With stdout redirected to a file (``> run.log``) the site processes append their event
+    lines to it (through ``/proc/<pid>/fd/1``) while this process wrote at its own offset,
+    over theirs; with O_APPEND this process appends too, and the file gets every line."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.fstat(1).st_mode):
+            fcntl.fcntl(1, fcntl.F_SETFL, fcntl.fcntl(1, fcntl.F_GETFL) | os.O_APPEND)
+
+
 @contextlib.contextmanager
 def console_output(plan: Plan, log_format: str = "auto") -> Iterator[Optional[ProgressView]]:
     """Run a command's steps with the output ``log_format`` asks for (see the module's
@@ -494,6 +505,7 @@ def console_output(plan: Plan, log_format: str = "auto") -> Iterator[Optional[Pr
     the view kept back goes to stderr if the body raises."""
     quiet_libraries()
     if not wants_live_view(log_format):
+        _stdout_appends()
         yield None
         return
     from rich.console import Console

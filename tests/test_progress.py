@@ -164,3 +164,25 @@ def test_the_view_of_one_setting_trained_alone_names_it():
     assert view.step_label() == "site:a" and view.rows["site:a"].steps == 4
     view.handle({"event": "setting_end", "site": "site:a", "step": 4, "loss": 1.5})
     assert view.step_label() == "site:a" and view.rows["site:a"].state == "done" and view.eta() == 0
+
+
+CHILD_APPENDS = """
+import os, subprocess, sys
+from fedllm import events
+from fedllm.progress import Plan, console_output
+
+with console_output(Plan("federate", ["fedavg"]), "auto"):
+    events.emit("job_start", site="server", round=0)
+    # a site process of the simulator: it appends to this process's stdout by its /proc path
+    child = "open(f'/proc/{os.getppid()}/fd/1', 'a').write('{\\"event\\": \\"round_end\\", \\"site\\": \\"a\\"}\\\\n')"
+    subprocess.run([sys.executable, "-c", "import os; " + child], check=True)
+    events.emit("global_model", site="server", round=1)
+"""
+
+
+def test_stdout_redirected_to_a_file_gets_the_site_processes_lines_too(tmp_path):
+    """`fedllm federate ... > run.log`: the sites' lines are not overwritten by the driver's."""
+    log = tmp_path / "run.log"
+    with open(log, "w") as stdout:
+        subprocess.run([sys.executable, "-c", CHILD_APPENDS], cwd=REPO, stdout=stdout, check=True, timeout=120)
+    assert [json.loads(line)["event"] for line in log.read_text().splitlines()] == ["job_start", "round_end", "global_model"]
