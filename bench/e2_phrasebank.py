@@ -9,10 +9,12 @@ with the highest log-likelihood, on the 227 pooled test rows), and FedAvg agains
 other setting with its paired bootstrap 95% interval.
 
     .venv/bin/python bench/e2_phrasebank.py [--alphas 1 5 10] [--quick] [--set key=value ...]
+    .venv/bin/python bench/e2_phrasebank.py --alphas 1 --result e2_fedprox \
+        --set 'baselines.algorithms=[fedprox]' --set federation.fedprox.mu=0.1   # FedAvg and FedProx side by side
 
-Prints a table and writes ``bench/results/e2.json``; runs of other alphas already there
-under the same overrides are kept (a rerun alpha replaces its own). About 5-10 minutes per
-alpha on an idle 2-core CPU.
+Prints a table and writes ``bench/results/<result>.json`` (default ``e2``); runs of other
+alphas already there under the same overrides are kept (a rerun alpha replaces its own).
+About 5-10 minutes per alpha on an idle 2-core CPU, plus 2-3 per side-by-side algorithm.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def run_alpha(alpha: float, overrides: list[str], work: Path) -> dict:
     """One whole run at ``alpha``; its summary's task numbers and comparisons."""
     from fedllm.config import load_config
     from fedllm.data import load_partitions
+    from fedllm.report.run_summary import display_name
     from fedllm.run import run_experiment
 
     cfg = load_config(DEMO_CONFIG, [f"data.partition.alpha={alpha}", "evaluation.enabled=false", *overrides])
@@ -51,6 +54,7 @@ def run_alpha(alpha: float, overrides: list[str], work: Path) -> dict:
     labels = {s: _label_counts(parts.train(s)) for s in parts.sites}
     settings = {
         key: {
+            "name": display_name(key, entry),
             "accuracy": entry["task"]["accuracy"],
             "macro_f1": entry["task"]["macro_f1"],
             "curve": entry["task"]["curve"],
@@ -86,8 +90,9 @@ def table_rows(results: list[dict]) -> list[list]:
             against = {c["against"]: c for c in r["comparisons"] if c["setting"] == key and c["metric"] == "accuracy"}
             vs_best = against.get(best_site)
             vs_central = against.get("centralized")
+            vs_fedavg = against.get("fedavg")
             rows.append([
-                f"{r['alpha']:g}", key,
+                f"{r['alpha']:g}", s[key].get("name", key),
                 f"{s['base']['accuracy']:.3f}" if "base" in s else "",
                 " / ".join(f"{s[k]['accuracy']:.3f}" for k in sites),
                 f"{s['centralized']['accuracy']:.3f}" if "centralized" in s else "",
@@ -95,12 +100,13 @@ def table_rows(results: list[dict]) -> list[list]:
                 f"{s[key]['macro_f1']:.3f}",
                 f"{vs_best['difference']:+.3f} [{vs_best['ci95'][0]:+.3f}, {vs_best['ci95'][1]:+.3f}] {verdict(vs_best)}" if vs_best else "",
                 f"{vs_central['difference']:+.3f} [{vs_central['ci95'][0]:+.3f}, {vs_central['ci95'][1]:+.3f}] {verdict(vs_central)}" if vs_central else "",
+                f"{vs_fedavg['difference']:+.3f} [{vs_fedavg['ci95'][0]:+.3f}, {vs_fedavg['ci95'][1]:+.3f}] {verdict(vs_fedavg)}" if vs_fedavg else "",
             ])
     return rows
 
 
-HEADER = ["alpha", "setting", "base acc", "sites alone acc", "centralized acc", "FedAvg acc per round",
-          "FedAvg macro-F1", "FedAvg − best site [95% CI]", "FedAvg − centralized [95% CI]"]
+HEADER = ["alpha", "federated setting", "base acc", "sites alone acc", "centralized acc", "acc per round",
+          "macro-F1", "− best site [95% CI]", "− centralized [95% CI]", "− FedAvg [95% CI]"]
 
 
 def earlier_runs(path: Path, overrides: list[str], quick: bool, exclude: list[float]) -> list[dict]:
@@ -121,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 rounds x 2 steps on 400 rows: a smoke run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--keep", help="keep the run dirs under this folder")
+    parser.add_argument("--result", default="e2", help="bench/results/<RESULT>.json (default e2): runs with other "
+                                                       "overrides go to a file of their own")
     args = parser.parse_args(argv)
 
     from fedllm.config import load_config
@@ -129,19 +137,19 @@ def main(argv: list[str] | None = None) -> dict:
     alphas = args.alphas or [demo_alpha, *[a for a in SEED_ALPHAS if a != demo_alpha]]
     overrides = (QUICK if args.quick else []) + list(args.set)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fedllm-e2-"))
-    results = earlier_runs(REPO / "bench" / "results" / "e2.json", overrides, args.quick, exclude=alphas)
+    results = earlier_runs(REPO / "bench" / "results" / f"{args.result}.json", overrides, args.quick, exclude=alphas)
     payload = {"demo_alpha": demo_alpha, "overrides": overrides, "runs": results, "quick": args.quick}
     try:
         for alpha in alphas:
             results.append(run_alpha(alpha, overrides, work))
             results.sort(key=lambda run: run["alpha"])
-            write_result("e2", payload)  # each alpha's numbers as soon as they exist
+            write_result(args.result, payload)  # each alpha's numbers as soon as they exist
             print_table(HEADER, table_rows([run for run in results if run["alpha"] == alpha]))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print_table(HEADER, table_rows(results))
-    print(f"[e2] wrote {write_result('e2', payload)}")
+    print(f"[e2] wrote {write_result(args.result, payload)}")
     return payload
 
 

@@ -208,11 +208,15 @@ class BaselinesConfig:
 
     ``lora_aggregations``: more FedAvg settings, one per LoRA aggregation listed (other
     than ``federation.lora_aggregation``), run side by side as ``fedavg:<aggregation>``.
+    ``algorithms``: more federated settings, one per algorithm listed (other than
+    ``federation.algorithm``, with its ``federation.<algorithm>`` parameters), run side by
+    side on the same sites as ``fedavg:<algorithm>``: FedAvg and FedProx in one table.
     """
 
     site_alone: bool = True
     centralized: bool = True
     lora_aggregations: list[str] = field(default_factory=list)
+    algorithms: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -501,11 +505,13 @@ def check_registered_names(cfg: ExperimentConfig) -> None:
     from fedllm.data.formats import get_format
     from fedllm.data.partition import get_partitioner
     from fedllm.data.prompts import get_template
-    from fedllm.federation.algorithms import check_algorithm
+    from fedllm.federation.algorithms import check_algorithm, get_algorithm
     from fedllm.train.methods import get_method
 
     get_method(cfg.method.name)
     check_algorithm(cfg.federation)
+    for i, name in enumerate(cfg.baselines.algorithms):
+        get_algorithm(name, f"baselines.algorithms[{i}]")
     get_partitioner(cfg.data.partition.strategy)
     get_template(cfg.data.template)
     for i, src in enumerate(cfg.data.sources):

@@ -222,7 +222,7 @@ def run_federation(run_dir: "str | os.PathLike | Run", resume: bool = False, sto
         result = federate(variant_cfg, variant_dir.root, sites=run.sites, resume=resume, partitions=run.partitions,
                           runner=runner)
         tracking.log_federation(variant_cfg, variant_dir, setting, result)
-        result["variant"] = variant_cfg.federation.lora_aggregation
+        result["variant"] = setting.name
         if "task" in result:  # its predictions file, as seen from this run dir
             result["task"]["predictions"] = run.dir.relative(variant_dir.root / result["task"]["predictions"])
     run.write_result(setting, result)
@@ -231,14 +231,17 @@ def run_federation(run_dir: "str | os.PathLike | Run", resume: bool = False, sto
 
 
 def variant_settings(cfg: ExperimentConfig) -> list[str]:
-    """The FedAvg settings run beside ``fedavg``: ``fedavg:<aggregation>`` for each of
-    ``baselines.lora_aggregations`` other than the federation's own."""
-    return [f"fedavg:{a}" for a in cfg.baselines.lora_aggregations if a != cfg.federation.lora_aggregation]
+    """The federated settings run beside ``fedavg``: ``fedavg:<aggregation>`` for each of
+    ``baselines.lora_aggregations`` other than the federation's own, then ``fedavg:<algorithm>``
+    for each of ``baselines.algorithms`` other than ``federation.algorithm``."""
+    return ([f"fedavg:{a}" for a in cfg.baselines.lora_aggregations if a != cfg.federation.lora_aggregation]
+            + [f"fedavg:{a}" for a in cfg.baselines.algorithms if a != cfg.federation.algorithm])
 
 
 def prepare_variant(run: Run, setting: Setting) -> tuple[RunDir, ExperimentConfig]:
-    """The run dir of a ``fedavg:<aggregation>`` setting, made on first use: this run's
-    config with that aggregation, its data and base model linked (no bytes copied)."""
+    """The run dir of a ``fedavg:<aggregation>`` or ``fedavg:<algorithm>`` setting, made on first
+    use: this run's config with that LoRA aggregation or federated algorithm, its data and
+    base model linked (no bytes copied)."""
     import copy
 
     from fedllm.train.model import link_or_copy_dir
@@ -246,7 +249,10 @@ def prepare_variant(run: Run, setting: Setting) -> tuple[RunDir, ExperimentConfi
     if str(setting) not in variant_settings(run.cfg):
         raise FedllmError(f"unknown setting {str(setting)!r}; the config's variants: {', '.join(variant_settings(run.cfg)) or 'none'}")
     variant_cfg = copy.deepcopy(run.cfg)
-    variant_cfg.federation.lora_aggregation = setting.name
+    if setting.name in run.cfg.baselines.algorithms:
+        variant_cfg.federation.algorithm = setting.name
+    else:
+        variant_cfg.federation.lora_aggregation = setting.name
     variant_cfg.name = f"{run.cfg.name}-{setting.name}"
     variant = run.dir.variant(setting)
     if not variant.model_info.is_file() or load_config(variant.config).fingerprint() != variant_cfg.fingerprint():

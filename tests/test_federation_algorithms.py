@@ -233,44 +233,49 @@ TWO_SITES = ("data.sources=[{name: dolly, format: dolly, path: dolly_15k, max_re
              "{name: medical, format: medical_meadow, path: medical_meadow/medical_meadow_small.json, max_records: 80}]")
 LORA = TINY_RUN + [TWO_SITES, "method.name=lora", "federation.rounds=2"]
 MOMENTUM = 0.6
-ALGORITHMS = {
-    "fedavg": [],
-    "fedprox-mu0": ["federation.algorithm=fedprox", "federation.fedprox.mu=0"],
-    "fedprox": ["federation.algorithm=fedprox", "federation.fedprox.mu=0.5"],
-    "fedopt": ["federation.algorithm=fedopt", "federation.fedopt.lr=1", f"federation.fedopt.momentum={MOMENTUM}"],
-}
+# FedAvg's run lists FedProx (mu > 0) and FedOpt as side-by-side settings (baselines.algorithms:
+# fedavg:fedprox, fedavg:fedopt, in variant run dirs over the same data and base model);
+# FedProx at mu = 0 is a run of its own, its data and base model linked from FedAvg's.
+SIDE_BY_SIDE = ["baselines.algorithms=[fedprox, fedopt]", "federation.fedprox.mu=0.5",
+                "federation.fedopt.lr=1", f"federation.fedopt.momentum={MOMENTUM}"]
+MU_0 = ["federation.algorithm=fedprox", "federation.fedprox.mu=0"]
 
 
 @pytest.fixture(scope="module")
 def federations(tmp_path_factory, shared_data):
-    """Each algorithm's 2-round LoRA federation over the same two sites: (run dir, summary entry).
-
-    The data and base model are prepared once (FedAvg's run) and linked into the other run
-    dirs, each with its own config, as ``fedllm.run.prepare_variant`` does for a variant.
-    """
+    """Each algorithm's 2-round LoRA federation over the same two sites: (run dir, summary entry)."""
     import shutil
 
     from fedllm.config import dump_config
     from fedllm.rundir import RunDir
-    from fedllm.run import prepare_run, run_federation
+    from fedllm.run import prepare, run_federation
     from fedllm.train.model import link_or_copy_dir
 
-    prepared = None
-    runs = {}
-    for name, overrides in ALGORITHMS.items():
-        cfg = load_config(TINY_CONFIG, LORA + overrides)
-        run = tmp_path_factory.mktemp(name) / "run"
-        if prepared is None:
-            prepared = RunDir(prepare_run(cfg, run))
-        else:
-            layout = RunDir(run)
-            layout.root.mkdir(parents=True)
-            dump_config(cfg, layout.config)
-            link_or_copy_dir(prepared.data, layout.data)
-            link_or_copy_dir(prepared.base_model, layout.base_model)
-            shutil.copyfile(prepared.model_info, layout.model_info)
-        runs[name] = (run, run_federation(run))
+    run = prepare(load_config(TINY_CONFIG, LORA + SIDE_BY_SIDE), tmp_path_factory.mktemp("fedavg") / "run")
+    runs = {"fedavg": (run.root, run_federation(run))}
+    for name in ("fedprox", "fedopt"):
+        runs[name] = (run.dir.variant(f"fedavg:{name}").root, run_federation(run, setting=f"fedavg:{name}"))
+    layout = RunDir(tmp_path_factory.mktemp("fedprox-mu0") / "run")
+    layout.root.mkdir(parents=True)
+    dump_config(load_config(TINY_CONFIG, LORA + MU_0), layout.config)
+    link_or_copy_dir(run.dir.data, layout.data)
+    link_or_copy_dir(run.dir.base_model, layout.base_model)
+    shutil.copyfile(run.dir.model_info, layout.model_info)
+    runs["fedprox-mu0"] = (layout.root, run_federation(layout.root))
     return runs
+
+
+def test_side_by_side_algorithms_are_variant_settings_named_by_their_algorithm(tmp_path):
+    from fedllm.report.run_summary import display_name
+    from fedllm.run import variant_settings
+
+    cfg = load_config(TINY_CONFIG, LORA + SIDE_BY_SIDE + ["baselines.lora_aggregations=[product_svd]"])
+    assert variant_settings(cfg) == ["fedavg:product_svd", "fedavg:fedprox", "fedavg:fedopt"]
+    assert variant_settings(load_config(TINY_CONFIG, MU_0 + ["baselines.algorithms=[fedprox, fedavg]"])) == ["fedavg:fedavg"]
+    assert display_name("fedavg:fedprox", {"algorithm": {"name": "fedprox", "mu": 0.5}}) == "FedProx (μ=0.5)"
+    with pytest.raises(FedllmError, match=r"config field 'baselines.algorithms\[1\]': 'scaffold' is not allowed; "
+                                          r"allowed values: fedavg, fedprox, fedopt"):
+        load_config(TINY_CONFIG, ["baselines.algorithms=[fedprox, scaffold]"])
 
 
 def rounds_of(run) -> list[dict]:

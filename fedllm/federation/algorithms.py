@@ -78,11 +78,9 @@ ALGORITHMS: dict[str, Algorithm] = {
 SERVER_OPTIMIZERS = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam"}
 
 
-def get_algorithm(name: str) -> Algorithm:
+def get_algorithm(name: str, field: str = "federation.algorithm") -> Algorithm:
     if name not in ALGORITHMS:
-        raise FedllmError(
-            f"config field 'federation.algorithm': {name!r} is not allowed; allowed values: {', '.join(ALGORITHMS)}"
-        )
+        raise FedllmError(f"config field '{field}': {name!r} is not allowed; allowed values: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]
 
 

@@ -77,7 +77,9 @@ def display_name(setting_key: str, setting: Optional[dict] = None) -> str:
     if setting_key.startswith("fedavg:"):
         words = setting_key[len("fedavg:"):].replace("-", "_").split("_")
         variant = " ".join(_ACRONYMS.get(w.lower(), w) for w in words if w)
-        return algorithm_label(record, extra=[variant]) if isinstance(record, dict) else f"FedAvg ({variant})"
+        if isinstance(record, dict):  # a variant named by its algorithm is that algorithm, nothing more
+            return algorithm_label(record, extra=[] if record.get("name") == setting_key[len("fedavg:"):] else [variant])
+        return f"FedAvg ({variant})"
     if isinstance(record, dict):
         return algorithm_label(record)
     return _DISPLAY_NAMES.get(setting_key, setting_key)

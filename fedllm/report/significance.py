@@ -90,10 +90,11 @@ def significance_section(summary: dict, source: str) -> Section:
         section.blocks.append(Paragraph(NOT_RECORDED) if not has_task(summary)
                               else not_recorded("Comparisons of FedAvg with each site alone and centralized"))
         return section
+    settings = summary.get("settings") or {}
     rows = [
         [
-            Cell(display_name(e["setting"])),
-            Cell(display_name(e["against"])),
+            Cell(display_name(e["setting"], settings.get(e["setting"]))),
+            Cell(display_name(e["against"], settings.get(e["against"]))),
             Cell(METRIC_NAMES.get(e["metric"], e["metric"])),
             Cell(signed(e["difference"]), numeric=True),
             Cell(interval(e["ci95"]), numeric=True),
@@ -114,8 +115,10 @@ def format_comparisons_text(summary: dict, source: str = SUMMARY) -> str:
     entries = comparisons(summary, source)
     if not entries:
         return ""
+    settings = summary.get("settings") or {}
     lines = [
-        [display_name(e["setting"]), "vs", display_name(e["against"]), METRIC_NAMES.get(e["metric"], e["metric"]),
+        [display_name(e["setting"], settings.get(e["setting"])), "vs", display_name(e["against"], settings.get(e["against"])),
+         METRIC_NAMES.get(e["metric"], e["metric"]),
          signed(e["difference"]), interval(e["ci95"]), verdict(e["ci95"])]
         for e in entries
     ]
