@@ -29,8 +29,9 @@ def requirement_name(spec: str) -> str:
 
 def pyproject_requirements() -> dict[str, str]:
     """name → the requirement as pyproject writes it (e.g. ``lm-eval[hf]==0.4.13``): the
-    dependencies and the demo's model package."""
-    specs = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["demo-model"]
+    dependencies, the demo's model package and the tracking clients."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    specs = PYPROJECT["project"]["dependencies"] + extras["demo-model"] + extras["tracking"]
     return {requirement_name(s): s.replace(" ", "") for s in specs}
 
 
@@ -56,7 +57,8 @@ def pip_installs(dockerfile: Path) -> list[list[str]]:
 
 
 def installed_requirements(dockerfile: Path) -> dict[str, str]:
-    return {requirement_name(w): w for args in pip_installs(dockerfile) for w in args if not w.startswith("-") and w != "."}
+    return {requirement_name(w): w for args in pip_installs(dockerfile) for w in args
+            if not w.startswith("-") and w != "." and not w.startswith(".[")}
 
 
 def test_pins_in_every_dockerfile_are_pyprojects():
@@ -70,14 +72,18 @@ def test_pins_in_every_dockerfile_are_pyprojects():
 def test_the_main_image_installs_pinned_torch_then_the_package_with_its_dependencies():
     installs = pip_installs(IMAGES["fedllm"])
     assert installs[0] == [pyproject_requirements()["torch"]], "torch first, at pyproject's pin"
-    assert ["."] in installs, "the package itself, which pulls every other pin (kfp included)"
+    # the package itself, which pulls every other pin (kfp included), with the tracking clients a
+    # server pod needs when a config turns `tracking:` on (NVFlare's receivers run there)
+    assert [".[tracking]"] in installs, "the package itself with its tracking extra"
+    assert "tracking" in PYPROJECT["project"]["optional-dependencies"]
 
 
 def test_the_nemo_image_keeps_nemos_torch_leaves_out_kfp_and_pins_the_rest():
     installs = pip_installs(IMAGES["fedllm-nemo"])
     assert ["--no-deps", "."] in installs, "fedllm without its dependencies: NeMo's torch, no kfp"
     installed = set(installed_requirements(IMAGES["fedllm-nemo"]))
-    assert installed == set(pyproject_requirements()) - {"torch", "kfp", "kfp-kubernetes"}
+    tracking = {requirement_name(s) for s in PYPROJECT["project"]["optional-dependencies"]["tracking"]}
+    assert installed == (set(pyproject_requirements()) | tracking) - {"torch", "kfp", "kfp-kubernetes"}
 
 
 def test_the_package_ships_the_charts_values_and_schema():
