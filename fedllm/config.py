@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -178,6 +178,43 @@ class FedOptConfig:
 
 
 @dataclass
+class PercentilePrivacyConfig:
+    """NVFlare's ``PercentilePrivacy`` on a site's update (``federation.privacy.percentile``):
+    coordinates of the update difference below the ``percentile``-th percentile of |difference|
+    (0-100) are zeroed, the rest clipped to ±``gamma`` (> 0)."""
+
+    percentile: int = 10
+    gamma: float = 0.01
+
+
+@dataclass
+class DPConfig:
+    """DP-FedAvg at each site (``federation.privacy.dp``, fedllm.federation.privacy): the update
+    difference is clipped to L2 norm ``clip_norm`` (> 0; ``.inf``: no clipping, only with
+    ``noise_multiplier`` 0) and N(0, (noise_multiplier·clip_norm)²) added per coordinate; ε is
+    reported at ``delta`` (0 < δ < 1). ``seed`` null (default): the noise comes from the
+    operating system's entropy; a number makes it reproducible from (seed, site, round), and
+    then whoever knows the seed can remove it (for tests and benchmarks only)."""
+
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    seed: Optional[int] = None
+
+
+@dataclass
+class PrivacyConfig:
+    """Filters on what a site sends, applied at the site (fedllm.federation.privacy), in this
+    order: ``exclude_vars`` (NVFlare's ``ExcludeVars``: weight names, or one regular expression,
+    that never leave the site), ``percentile`` (NVFlare's ``PercentilePrivacy``) and ``dp``
+    (clipped, noised updates with an ε). Each is off when null."""
+
+    exclude_vars: Optional[Union[list[str], str]] = None
+    percentile: Optional[PercentilePrivacyConfig] = None
+    dp: Optional[DPConfig] = None
+
+
+@dataclass
 class FederationConfig:
     """The NVFlare federation: ``algorithm`` over ``rounds`` rounds.
 
@@ -192,7 +229,15 @@ class FederationConfig:
     fedprox: FedProxConfig = field(default_factory=FedProxConfig)
     fedopt: FedOptConfig = field(default_factory=FedOptConfig)
     rounds: int = 3
+    # Sites a round needs (default: all). With fewer, a round completes without a lost site
+    # or a rejected update (fedllm.federation.participation): after the minimum reported it
+    # waits ``wait_after_min_clients`` seconds for the rest (None: derived from the rounds so
+    # far); a round lasts at most ``round_timeout`` seconds (None: derived from the model's
+    # bytes at ``min_bandwidth_mb_s`` and the slowest round so far).
     min_clients: Optional[int] = None
+    wait_after_min_clients: Optional[float] = None
+    round_timeout: Optional[float] = None
+    min_bandwidth_mb_s: float = 1.0
     weighting: Literal["samples", "steps", "uniform"] = "samples"
     quantization: Optional[str] = None
     threads: Optional[int] = None
@@ -200,6 +245,12 @@ class FederationConfig:
     # separately (plain FedAvg); ``product_svd`` averages the sites' updates B·A exactly
     # and factors the mean back into rank-r A and B by SVD (fedllm.federation.aggregation).
     lora_aggregation: Literal["factors", "product_svd"] = "factors"
+    # The server rejects, for the round, a site's update whose L2 norm of its difference to the
+    # global model is above this (None: no bound); NaN/Inf and a wrong name, shape or dtype
+    # are always rejected (fedllm.federation.aggregation).
+    max_update_norm: Optional[float] = None
+    # What a site's update goes through before it leaves the site (fedllm.federation.privacy).
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 @dataclass
@@ -217,6 +268,9 @@ class BaselinesConfig:
     centralized: bool = True
     lora_aggregations: list[str] = field(default_factory=list)
     algorithms: list[str] = field(default_factory=list)
+    # With ``federation.privacy`` on: the same federation without any privacy filter, beside
+    # it as ``fedavg:non_private``, so the report shows what the privacy costs.
+    non_private: bool = False
 
 
 @dataclass
@@ -350,6 +404,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except FedllmError as e:
                 errors.append(e)
+        if len(errors) == 1 and isinstance(value, dict):
+            raise errors[0]  # an optional section: its own error names the field inside it
         raise FedllmError(f"config field '{where}': expected {_describe(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -491,6 +547,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise FedllmError(f"config field 'baselines.lora_aggregations': needs method.name lora, got {cfg.method.name!r}")
     if cfg.federation.rounds < 1:
         raise FedllmError(f"config field 'federation.rounds': must be ≥ 1, got {cfg.federation.rounds}")
+    fed = cfg.federation
+    if fed.min_clients is not None and fed.min_clients < 1:
+        raise FedllmError(f"config field 'federation.min_clients': must be ≥ 1, got {fed.min_clients}")
+    for name in ("wait_after_min_clients", "round_timeout"):
+        if getattr(fed, name) is not None and getattr(fed, name) <= 0:
+            raise FedllmError(f"config field 'federation.{name}': must be > 0 seconds (or null: derived), got {getattr(fed, name)}")
+    if fed.min_bandwidth_mb_s <= 0:
+        raise FedllmError(f"config field 'federation.min_bandwidth_mb_s': must be > 0, got {fed.min_bandwidth_mb_s}")
+    if fed.max_update_norm is not None and not 0 < fed.max_update_norm < float("inf"):
+        raise FedllmError(
+            f"config field 'federation.max_update_norm': must be a number > 0 (or null: no bound), got {fed.max_update_norm}"
+        )
     if cfg.tracking.enabled:
         from fedllm.tracking import check_tracking  # imports neither MLflow nor TensorBoard
 
@@ -521,6 +589,15 @@ def check_registered_names(cfg: ExperimentConfig) -> None:
         from fedllm.federation.quantization import check_mode
 
         check_mode(cfg.federation.quantization)
+    privacy = cfg.federation.privacy
+    if cfg.baselines.non_private and all(f is None for f in (privacy.exclude_vars, privacy.percentile, privacy.dp)):
+        raise FedllmError("config field 'baselines.non_private': needs a privacy filter in federation.privacy "
+                          "(without one, fedavg is already non-private)")
+    if any(f is not None for f in (privacy.exclude_vars, privacy.percentile, privacy.dp)):
+        # only a run with privacy filters pays for importing them (NVFlare's) here
+        from fedllm.federation.privacy import check_privacy
+
+        check_privacy(privacy)
 
 
 def config_from_dict(tree: dict, source: str = "<config>") -> ExperimentConfig:

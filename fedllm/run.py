@@ -35,7 +35,7 @@ from typing import Optional
 
 from fedllm import events, tracking
 from fedllm.artifacts import publish, store_uri_of
-from fedllm.config import ExperimentConfig, dump_config, load_config
+from fedllm.config import ExperimentConfig, PrivacyConfig, dump_config, load_config
 from fedllm.errors import FedllmError
 from fedllm.files import write_json_atomic
 from fedllm.rundir import PARTITION_SUMMARY_JSON, PARTITION_SUMMARY_PNG, RunDir, Setting
@@ -230,12 +230,18 @@ def run_federation(run_dir: "str | os.PathLike | Run", resume: bool = False, sto
     return result
 
 
+#: the variant that runs the federation without ``federation.privacy`` (``baselines.non_private``)
+NON_PRIVATE = "non_private"
+
+
 def variant_settings(cfg: ExperimentConfig) -> list[str]:
     """The federated settings run beside ``fedavg``: ``fedavg:<aggregation>`` for each of
     ``baselines.lora_aggregations`` other than the federation's own, then ``fedavg:<algorithm>``
-    for each of ``baselines.algorithms`` other than ``federation.algorithm``."""
+    for each of ``baselines.algorithms`` other than ``federation.algorithm``, then
+    ``fedavg:non_private`` (``baselines.non_private``: the federation without its privacy filters)."""
     return ([f"fedavg:{a}" for a in cfg.baselines.lora_aggregations if a != cfg.federation.lora_aggregation]
-            + [f"fedavg:{a}" for a in cfg.baselines.algorithms if a != cfg.federation.algorithm])
+            + [f"fedavg:{a}" for a in cfg.baselines.algorithms if a != cfg.federation.algorithm]
+            + ([f"fedavg:{NON_PRIVATE}"] if cfg.baselines.non_private else []))
 
 
 def prepare_variant(run: Run, setting: Setting) -> tuple[RunDir, ExperimentConfig]:
@@ -249,7 +255,10 @@ def prepare_variant(run: Run, setting: Setting) -> tuple[RunDir, ExperimentConfi
     if str(setting) not in variant_settings(run.cfg):
         raise FedllmError(f"unknown setting {str(setting)!r}; the config's variants: {', '.join(variant_settings(run.cfg)) or 'none'}")
     variant_cfg = copy.deepcopy(run.cfg)
-    if setting.name in run.cfg.baselines.algorithms:
+    if setting.name == NON_PRIVATE:
+        variant_cfg.federation.privacy = PrivacyConfig()
+        variant_cfg.baselines.non_private = False
+    elif setting.name in run.cfg.baselines.algorithms:
         variant_cfg.federation.algorithm = setting.name
     else:
         variant_cfg.federation.lora_aggregation = setting.name

@@ -15,6 +15,7 @@ or a whole federation, provisioned on free localhost ports and stopped on exit:
 from __future__ import annotations
 
 import base64
+import json
 import contextlib
 import os
 import signal
@@ -116,3 +117,35 @@ def running_federation(root: Path, sites: list[str], transport: str | None = Non
         yield Federation(values, kits, procs, mount_secret(kits["secrets"]["admin"], root / "mounts" / "admin"))
     finally:
         procs.stop_all()
+
+
+def site_training_pids(under: Path, site: str) -> list[int]:
+    """The training processes (``python -m fedllm.federation.client``) of ``site`` whose
+    working directory is below ``under``: NVFlare runs a site's job in a folder named after
+    the site (the simulator: ``<workspace>/<job>/<site>/...``; a participant: its workspace)."""
+    found = subprocess.run(["pgrep", "-f", "fedllm.federation.client"], capture_output=True, text=True).stdout.split()
+    pids = []
+    for pid in found:
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd") + "/"
+        except OSError:
+            continue  # exited meanwhile
+        if cwd.startswith(str(Path(under).resolve()) + "/") and f"/{site}/" in cwd:
+            pids.append(int(pid))
+    return pids
+
+
+def kill_site_training_in_round(events_file: Path, under: Path, site: str, in_round: int, stop) -> float | None:
+    """Poll ``site``'s event log until it trains in ``in_round`` (0-based, as the sites count),
+    then SIGKILL its training process; returns when (time.time()), or None once ``stop()``."""
+    while not stop():
+        if events_file.is_file():
+            training = [json.loads(line) for line in events_file.read_text().splitlines() if '"event": "train"' in line]
+            if any(e["round"] == in_round for e in training):
+                pids = site_training_pids(under, site)
+                assert len(pids) == 1, f"expected one training process of {site} under {under}, found {pids}"
+                os.kill(pids[0], signal.SIGKILL)
+                return time.time()
+        time.sleep(0.05)
+    return None
+

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from participants import mount_secret, running_federation
+from participants import kill_site_training_in_round, mount_secret, running_federation
 
 from conftest import TINY_CONFIG, TINY_RUN
 from fedllm.config import load_config
@@ -200,6 +200,40 @@ def test_fedllm_federate_submit_runs_the_job_there_and_summarizes_it_as_the_simu
     assert submitted["bytes_per_round"] == simulated["bytes_per_round"]  # the same adapter, each round
     assert submitted["job_seconds"] > 0 and submitted["best_round"] in range(1, ROUNDS + 1)
     assert (submitted_run / submitted["adapter_dir"]).is_dir()
+
+
+def test_a_job_completes_when_a_sites_training_process_is_killed_mid_round(federation, tmp_path, capsys, monkeypatch):
+    """``federation.min_clients`` 1 of 2: SIGKILL of site-2's training process in round 1
+    (the process NVFlare's site started for the job); the server aggregates site-1 alone,
+    logs ``site_lost`` and the job completes every round (fedllm.federation.participation)."""
+    import threading
+
+    from fedllm.cli import main
+    from fedllm.federation.submit import SITE_PYTHON_ENV
+
+    fed, _ = federation
+    monkeypatch.setenv(SITE_PYTHON_ENV, sys.executable)
+    run = tmp_path / "run"
+    overrides = LORA_JOB + ["federation.min_clients=1", "training.steps_per_round=60", "training.val_check_steps=60"]
+    killed = []
+    stop = threading.Event()
+    killer = threading.Thread(target=lambda: killed.append(kill_site_training_in_round(
+        run / "events" / "site-site-2.jsonl", fed.procs.root, "site-2", 0, stop.is_set)))
+    killer.start()
+    try:
+        code = main(["federate", str(TINY_CONFIG), *[a for o in overrides for a in ("--set", o)], "--out", str(run),
+                     "--submit", str(fed.admin_kit), "--timeout", "240"])
+    finally:
+        stop.set()
+        killer.join()
+    out = capsys.readouterr().out
+    assert killed[0] is not None, "site-2 never trained in round 1"
+    assert code == 0 and "FINISHED:COMPLETED" in out, out[-3000:]
+    lost = [e for e in read_events(run / "events" / "server.jsonl") if e["event"] == "site_lost"]
+    assert lost[0]["lost_site"] == "site-2" and lost[0]["round"] == 1
+    fedavg = json.loads((run / "settings" / "fedavg.json").read_text())
+    assert [r["round"] for r in fedavg["rounds"]] == list(range(1, ROUNDS + 1))
+    assert fedavg["rounds"][0]["aggregated_sites"] == ["site-1"] and "site-2" in fedavg["rounds"][0]["lost_sites"]
 
 
 def test_a_federation_on_tcp_runs_a_job(tmp_path, capsys, monkeypatch):

@@ -68,19 +68,22 @@ def test_each_update_is_emptied_while_it_is_added_and_state_resets():
         aggregator.aggregate_model()
 
 
-def test_a_site_missing_a_parameter_is_averaged_over_the_sites_that_sent_it():
+def test_a_site_missing_a_parameter_is_left_out_of_the_round():
+    # Without begin_round the first accepted site's parameters are the model's
+    # (tests/test_update_validation.py: every kind of rejected update).
     aggregator = RunningWeightedAverage()
     aggregator.accept_model(_site_result("site-1", {"w": np.array([2.0]), "only1": np.array([5.0])}, 1))
-    aggregator.accept_model(_site_result("site-2", {"w": np.array([4.0])}, 1))
+    assert aggregator.accept_model(_site_result("site-2", {"w": np.array([4.0])}, 1)) is False
     result = aggregator.aggregate_model()
-    assert result.params["w"].tolist() == [3.0] and result.params["only1"].tolist() == [5.0]
+    assert result.params["w"].tolist() == [2.0] and result.params["only1"].tolist() == [5.0]
+    assert result.meta["rejected_sites"] == {"site-2": "parameter 'only1' is missing"}
 
 
 def test_bad_input_names_the_site_and_what_is_accepted():
     aggregator = RunningWeightedAverage()
     aggregator.accept_model(_site_result("site-1", {"w": np.zeros((2, 2))}, 1))
-    with pytest.raises(FedllmError, match=r"'w' has shape \(3,\)"):
-        aggregator.accept_model(_site_result("site-2", {"w": np.zeros(3)}, 1))
+    assert aggregator.accept_model(_site_result("site-2", {"w": np.zeros(3)}, 1)) is False
+    assert aggregator._rejected == {"site-2": "parameter 'w' has shape (3,), the model's is (2, 2)"}
     with pytest.raises(FedllmError, match="site 'site-3'.*expected a number >= 0"):
         aggregator.accept_model(_site_result("site-3", {"w": np.zeros((2, 2))}, -1))
     with pytest.raises(FedllmError, match=r"site_weights\['site-1'\]"):

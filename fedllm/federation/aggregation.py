@@ -31,6 +31,13 @@ dense out×in matrix per module, whatever the number of sites), and at the end o
 factors the exact mean back into the adapter's rank by truncated SVD. That costs one dense
 float64 matrix and one SVD per adapted module on the server: what the base layer's own
 weight would take, in float64.
+
+A site's update is checked whole before any of it is summed (``accept_model`` returns
+False and the site counts for nothing that round): every tensor finite, exactly the
+global model's parameter names, shapes and dtypes, and, with ``max_update_norm``, the L2
+norm of its difference to the global model within the bound. An offloaded update is read
+for this one tensor at a time, each dropped once checked; the sum at the end of the round
+reads it again. The controller hands the global model over with ``begin_round``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
+from fedllm import events
 from fedllm.errors import FedllmError
 
 LORA_AGGREGATIONS = ("factors", "product_svd")
@@ -66,6 +74,11 @@ class RunningWeightedAverage(ModelAggregator):
             products B_i·A_i, computed in float64; A' = c·V_rᵀ (c: the averaged A's RMS row norm), B' = U_r·S_r/c, each
             column of U_r with a positive largest-magnitude entry. Every site must send A and
             B together (2-D, peft's names); the sites must send full weights, not differences.
+        max_update_norm: reject an update whose L2 norm of its difference to the round's global
+            model (all parameters together, in float64; a ``DIFF`` update's own norm) is above
+            this. None: no bound. Needs ``begin_round``.
+        events_file: where ``update_rejected`` events go besides stdout (the server's events
+            file); "" for stdout only.
 
     Guarantees: ``aggregate_model()`` returns, per parameter name, the weighted mean over the
     sites that sent that parameter, in the dtype the first site sent it in (integer
@@ -80,10 +93,37 @@ class RunningWeightedAverage(ModelAggregator):
     both 0.0 when every product is zero. The SVD factors, like every mean, come out bit for
     bit the same whatever order the sites report in; the two errors only up to float64
     rounding.
+
+    Rejected updates: ``accept_model`` returns False for a site whose update has a NaN or Inf,
+    a parameter missing or not in the model, a shape or dtype other than the model's, or a
+    norm above ``max_update_norm``; nothing of it (parameters, LoRA products, metrics)
+    enters the round, which is then exactly the round of the other sites. The reference is
+    the global model given to ``begin_round``; without it, the first accepted site's names,
+    shapes and dtypes (and no norm bound). Each rejection emits an ``update_rejected`` event
+    (``site="server"``, ``round``: begin_round's, else the update's ``current_round``;
+    ``rejected_site``; ``reason``: the first bad parameter and what is wrong with it), and
+    the result's meta lists ``rejected_sites``: ``{site: reason}``. ``aggregate_model``
+    raises FedllmError rather than return a non-finite tensor.
     """
 
-    def __init__(self, site_weights: Optional[dict] = None, lora_aggregation: str = "factors"):
+    def __init__(self, site_weights: Optional[dict] = None, lora_aggregation: str = "factors",
+                 max_update_norm: Optional[float] = None, events_file: str = ""):
         super().__init__()
+        if max_update_norm is not None and (
+            not isinstance(max_update_norm, (int, float)) or isinstance(max_update_norm, bool)
+            or not np.isfinite(max_update_norm) or max_update_norm <= 0
+        ):
+            raise FedllmError(
+                f"RunningWeightedAverage max_update_norm={max_update_norm!r}: expected a number > 0, or None"
+            )
+        # Kept under the arguments' names, like the others below: the Job API re-creates the component.
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        self.events_file = events_file or ""
+        # begin_round's global model (its tensors, not copies), their (shape, dtype) and the
+        # round; kept across reset_stats, which the controller may call after begin_round.
+        self._global: Optional[dict] = None
+        self._global_spec: Optional[dict[str, tuple[tuple, str]]] = None
+        self._round = None
         if lora_aggregation not in LORA_AGGREGATIONS:
             raise FedllmError(
                 f"RunningWeightedAverage lora_aggregation={lora_aggregation!r}: expected one of {', '.join(LORA_AGGREGATIONS)}"
@@ -112,13 +152,32 @@ class RunningWeightedAverage(ModelAggregator):
         self._module_of: dict[str, str] = {}
         self._products: dict[str, np.ndarray] = {}  # module -> float64 sum of w_i·B_i·A_i
         self._product_weights: dict[str, float] = {}
+        # without begin_round: the first accepted site's name -> (shape, dtype)
+        self._first_site_spec: Optional[dict[str, tuple[tuple, str]]] = None
+        self._rejected: dict[str, str] = {}  # site -> reason
+
+    def begin_round(self, global_params: dict, round_number: int) -> None:
+        """The global model the sites trained from this round: what every update is checked
+        against, until ``aggregate_model``. Its tensors are held, not copied, in a dict of
+        the aggregator's own: NVFlare's quantization filter replaces the entries of the dict
+        it sends, which is the controller's."""
+        self._global = dict(global_params)
+        self._global_spec = {name: (tuple(value.shape), _dtype_name(value)) for name, value in self._global.items()}
+        self._round = round_number
 
     def accept_model(self, model: FLModel) -> bool:
-        """Add one site's result to the running sum; empties ``model.params`` while doing so."""
+        """Add one site's result to the running sum; empties ``model.params`` while doing so.
+
+        False, with nothing of the update added, when the update is rejected (see the class).
+        """
         site = _site_name(model)
         if not model.params:
             raise FedllmError(f"RunningWeightedAverage: result from site {site!r} has no parameters")
         weight = self._site_weight(model, site)
+        reason, sent = self._check_update(model.params, model.params_type)
+        if reason is not None:
+            self._reject(site, reason, model)
+            return False
         if self._params_type is None:
             self._params_type = model.params_type
         elif model.params_type != self._params_type:
@@ -149,12 +208,59 @@ class RunningWeightedAverage(ModelAggregator):
         if model.metrics:
             self._metric_weight += weight
         self._sites.append(site)
+        if self._global is None and self._first_site_spec is None:
+            self._first_site_spec = sent
         return True
+
+    def _check_update(self, params: dict, params_type) -> tuple[Optional[str], dict]:
+        """(why ``params`` cannot enter this round, or None; their names -> (shape, dtype)).
+        Reads an offloaded tensor one at a time and lets go of it before the next."""
+        from nvflare.app_common.abstract.fl_model import ParamsType
+
+        spec = self._global_spec if self._global is not None else self._first_site_spec
+        if spec is not None:
+            for name in spec:
+                if name not in params:
+                    return f"parameter {name!r} is missing", {}
+            for name in params:
+                if name not in spec:
+                    return f"parameter {name!r} is not in the model", {}
+        bound = self.max_update_norm if self._global is not None else None
+        norm2 = 0.0
+        sent = {}
+        for name, value in params.items():
+            if _is_on_disk(value):
+                value = value.materialize()  # dropped at the next iteration
+            shape, dtype = tuple(value.shape), _dtype_name(value)
+            if spec is not None and shape != spec[name][0]:
+                return f"parameter {name!r} has shape {shape}, the model's is {spec[name][0]}", {}
+            if spec is not None and dtype != spec[name][1]:
+                return f"parameter {name!r} has dtype {dtype}, the model's is {spec[name][1]}", {}
+            bad = _non_finite(value)
+            if bad:
+                return f"parameter {name!r} has {bad} values", {}
+            if bound is not None:
+                update = _float64_numpy(value)
+                if params_type != ParamsType.DIFF:
+                    update = update - _float64_numpy(self._global[name])
+                norm2 += float(np.sum(np.square(update)))
+            sent[name] = (shape, dtype)
+        if bound is not None and not np.sqrt(norm2) <= bound:
+            return f"update norm {np.sqrt(norm2):.6g} is above federation.max_update_norm={bound:g}", {}
+        return None, sent
+
+    def _reject(self, site: str, reason: str, model: FLModel) -> None:
+        self._rejected[site] = reason
+        model.params.clear()  # nothing of it is kept
+        events.emit("update_rejected", file=self.events_file or None, site="server",
+                    round=self._round if self._round is not None else model.current_round,
+                    rejected_site=site, reason=reason)
 
     def aggregate_model(self) -> FLModel:
         """The weighted mean of everything accepted since the last call; then reset."""
         if not self._sums and not self._deferred:
-            raise FedllmError("RunningWeightedAverage: no site results to aggregate this round")
+            rejected = f" (rejected: {self._rejected})" if self._rejected else ""
+            raise FedllmError(f"RunningWeightedAverage: no site results to aggregate this round{rejected}")
         params = {}
         order = self._deferred_names()
         # Disk-offloaded updates: one parameter at a time, its sites in name order, so only
@@ -175,15 +281,25 @@ class RunningWeightedAverage(ModelAggregator):
         for name in list(self._sums.keys()):
             if name not in self._module_of:
                 params[name] = self._finish(name)
-        meta = {"nr_aggregated": len(self._sites), "aggregated_sites": list(self._sites)}
+        meta = {"nr_aggregated": len(self._sites), "aggregated_sites": list(self._sites),
+                "rejected_sites": dict(self._rejected)}
         if self.lora_aggregation == "product_svd":
             meta["lora_aggregation"] = self._finish_products(params)
         params = {name: params[name] for name in order}
+        for name, value in params.items():
+            # Cannot happen after _check_update; the persisted global model must never hold one.
+            bad = _non_finite(value)
+            if bad:
+                raise FedllmError(
+                    f"RunningWeightedAverage: the aggregated parameter {name!r} has {bad} values "
+                    f"(sites {self._sites}); the round's global model is not saved"
+                )
         metrics = None
         if self._metric_sums and self._metric_weight > 0:
             metrics = {k: v / self._metric_weight for k, v in self._metric_sums.items()}
         result = FLModel(params=params, params_type=self._params_type, metrics=metrics, meta=meta)
         self.reset_stats()
+        self._global = self._global_spec = self._round = None  # the next round's comes with its begin_round
         return result
 
     def _register_pairs(self, site: str, params: dict, params_type) -> dict[str, tuple[str, str]]:
@@ -388,6 +504,25 @@ def _is_on_disk(value) -> bool:
 
 def _is_torch(value) -> bool:
     return type(value).__module__.startswith("torch")
+
+
+def _dtype_name(value) -> str:
+    """``float32`` for a numpy array and a torch tensor alike."""
+    return str(value.dtype).removeprefix("torch.")
+
+
+def _non_finite(value) -> Optional[str]:
+    """"NaN" or "Inf" where ``value`` holds one (NaN first), else None."""
+    if _is_torch(value):
+        import torch
+
+        if not (value.is_floating_point() or value.is_complex()) or bool(torch.isfinite(value).all()):
+            return None
+        return "NaN" if bool(torch.isnan(value).any()) else "Inf"
+    array = np.asarray(value)
+    if array.dtype.kind not in "fc" or bool(np.isfinite(array).all()):
+        return None
+    return "NaN" if bool(np.isnan(array).any()) else "Inf"
 
 
 def _accumulator(value):

@@ -95,8 +95,11 @@ def _stop_leftover_processes(run_dir: Path, workspace: Path) -> None:
 
 
 def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], start_round: int = 0,
-             store: str = "") -> float:
+             store: str = "", site_python: str | None = None) -> float:
     """Run the job in the simulator; return its wall time in seconds.
+
+    ``site_python``: the interpreter the sites' training processes start with (default:
+    this one; see ``build_recipe``).
 
     NVFlare's simulator returns an exit code instead of raising: a non-zero
     code becomes a FedllmError pointing at the server's log.
@@ -109,7 +112,7 @@ def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
-    recipe = build_recipe(cfg, run_dir, sites, start_round=start_round, store=store)
+    recipe = build_recipe(cfg, run_dir, sites, start_round=start_round, store=store, site_python=site_python)
     # NVFlare's own INFO chatter stays in the workspace's log files; the console
     # shows warnings and fedllm's event lines, which the sites (running in the
     # simulator's worker processes) write straight to this process's stdout.
@@ -126,9 +129,20 @@ def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]
                 _site_threads(len(sites) if not cfg.federation.threads else min(cfg.federation.threads, len(sites))):
             recipe.run(env)
     except (RuntimeError, ValueError) as e:
-        server_log = workspace / job_name(cfg) / "server" / "simulate_job" / "log.txt"
-        raise FedllmError(f"federation failed: {e.__class__.__name__}: {str(e).splitlines()[0]} (server log: {server_log})") from None
+        server = workspace / job_name(cfg) / "server"
+        server_log = next((p for p in (server / "simulate_job" / "log.txt", server / "log.txt") if p.is_file()), server)
+        raise FedllmError(f"federation failed: {failure_reason(run_dir) or e.__class__.__name__ + ': ' + str(e).splitlines()[0]} "
+                          f"(server log: {server_log})") from None
     return time.perf_counter() - started
+
+
+def failure_reason(run_dir: str | os.PathLike) -> str:
+    """Why the server stopped the job, from its event log: the last ``round_failed`` message
+    (fedllm.federation.participation), else ""."""
+    layout = RunDir(run_dir)
+    failed = [e for e in events.read_events(layout.server_events) if e["event"] == "round_failed"] \
+        if layout.server_events.is_file() else []
+    return (failed[-1].get("message") or "") if failed else ""
 
 
 def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], steps_per_round: dict[str, int]) -> dict:
@@ -196,7 +210,9 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
         "kind": "federated",
         "val_loss_curve": curve,
         "rounds": [
-            {"round": e["round"], "seconds": time_per_round[i] if i < len(time_per_round) else None}
+            {"round": e["round"], "seconds": time_per_round[i] if i < len(time_per_round) else None,
+             # which sites this round's global model averages, and who was left out and why
+             **{key: e[key] for key in ("aggregated_sites", "rejected_sites", "lost_sites") if key in e}}
             for i, e in enumerate(rounds)
         ],
         "time_per_round_s": time_per_round,
@@ -327,5 +343,10 @@ def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: 
     summary["steps"] = last * max(spr.values())
     # which federated algorithm produced these models, with its parameters (fedllm.federation.algorithms)
     summary["algorithm"] = algorithm_record(cfg.federation)
+    from fedllm.federation.privacy import privacy_record
+
+    # what left the sites, and the ε the run spent (fedllm.federation.privacy); absent without privacy filters
+    if (privacy := privacy_record(cfg)) is not None:
+        summary["privacy"] = privacy
     summary.update(module.export(str(layout.model("fedavg")), tokenizer=tokenizer))
     return summary

@@ -36,12 +36,12 @@ from nvflare.app_opt.pt.fedopt_ctl import FedOpt
 
 from fedllm.errors import FedllmError
 from fedllm.federation.persistor import SERVER_OPTIMIZER_STATE
-from fedllm.federation.tuning import TunedFedAvg
+from fedllm.federation.participation import SiteTolerantFedAvg
 
 _FIELD = "::"  # "<parameter name>::<state field>", e.g. "model.x.lora_A.default.weight::momentum_buffer"
 
 
-class ServerOptimizer(TunedFedAvg, FedOpt):
+class ServerOptimizer(SiteTolerantFedAvg, FedOpt):
     """NVFlare's FedOpt controller stepping the exchanged weights, its state persisted each round.
 
     Args:

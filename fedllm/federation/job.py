@@ -46,18 +46,39 @@ class ResumableFedAvgRecipe(FedAvgRecipe):
     fedllm/federation/fedopt.py). None: NVFlare's FedAvg.
     """
 
-    def __init__(self, *, start_round: int = 0, server_optimizer: dict | None = None, **kwargs):
-        # both read by the controller's construction during super().__init__
+    def __init__(self, *, start_round: int = 0, server_optimizer: dict | None = None,
+                 participation: dict | None = None, **kwargs):
+        # all read by the controller's construction during super().__init__
         self.start_round = start_round
         self.server_optimizer = server_optimizer
+        self.participation = dict(participation or {})
         super().__init__(**kwargs)
 
     def _get_controller_kwargs(self) -> dict:
-        return {**super()._get_controller_kwargs(), "start_round": self.start_round}
+        # min_responses, round timeout, wait after the minimum, event log: fedllm.federation.participation
+        return {**super()._get_controller_kwargs(), "start_round": self.start_round, **self.participation}
 
     def _create_controller(self, persistor_id: str, model_params, model_aggregator):
         if self.server_optimizer is None:
-            return super()._create_controller(persistor_id, model_params, model_aggregator)
+            from fedllm.federation.participation import SiteTolerantFedAvg
+
+            # FedAvgRecipe._create_controller's arguments, to fedllm's FedAvg.
+            return SiteTolerantFedAvg(
+                num_clients=self.min_clients,
+                num_rounds=self.num_rounds,
+                persistor_id=persistor_id,
+                model=model_params,
+                save_filename=self.save_filename,
+                aggregator=model_aggregator,
+                stop_cond=self.stop_cond,
+                patience=self.patience,
+                task_name="train",
+                exclude_vars=self.exclude_vars,
+                aggregation_weights=self.aggregation_weights,
+                memory_gc_rounds=self.server_memory_gc_rounds,
+                enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+                **self._get_controller_kwargs(),
+            )
         from nvflare.recipe.utils import ensure_config_type_dict
 
         from fedllm.federation.fedopt import ServerOptimizer
@@ -118,6 +139,7 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         # FedOpt steps a server optimizer on the global weights; FedAvg and FedProx average
         # (FedProx's term is in the sites' loss: fedllm/federation/client.py).
         server_optimizer=server_optimizer_args(cfg.federation),
+        participation=participation_args(cfg, layout),
         name=job_name(cfg),
         min_clients=cfg.federation.min_clients or len(sites),
         num_rounds=cfg.federation.rounds - start_round,
@@ -133,17 +155,33 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         # Offloaded updates summed at the end of the round in site order; in-memory ones
         # into one running sum as they arrive, each freed as it is added. Either way the
         # global model does not depend on the order sites report in (fedllm.federation.aggregation).
-        aggregator=RunningWeightedAverage(lora_aggregation=cfg.federation.lora_aggregation),
+        # An update with NaN/Inf, the wrong names, shapes or dtypes, or a norm above
+        # federation.max_update_norm is rejected for the round (an update_rejected event).
+        aggregator=RunningWeightedAverage(lora_aggregation=cfg.federation.lora_aggregation,
+                                          max_update_norm=cfg.federation.max_update_norm,
+                                          events_file=str(layout.server_events)),
         key_metric="val_loss",
         key_metric_mode="min",
     )
-    _apply_settings(recipe, cfg)
+    _apply_settings(recipe, cfg, layout)
     add_receivers(recipe, cfg, layout, start_round)  # tracking: the server's TensorBoard / MLflow receivers
     return recipe
 
 
-def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig) -> None:
-    """Round timing and memory settings, and message quantization."""
+def participation_args(cfg: ExperimentConfig, layout: RunDir) -> dict:
+    """The controller's arguments for rounds that survive lost sites (fedllm.federation.participation)."""
+    federation = cfg.federation
+    return {
+        "min_responses": federation.min_clients or 0,
+        "round_timeout": float(federation.round_timeout or 0.0),
+        "wait_after_min_responses": -1.0 if federation.wait_after_min_clients is None else float(federation.wait_after_min_clients),
+        "min_bandwidth": float(federation.min_bandwidth_mb_s) * 1e6,
+        "events_file": str(layout.server_events),
+    }
+
+
+def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig, layout: RunDir) -> None:
+    """Round timing and memory settings, privacy filters and message quantization."""
     # No polling on a round's critical path (NVFlare's defaults wait 2 s per site
     # per round).
     apply_round_tuning(recipe)
@@ -153,7 +191,16 @@ def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig) -> None:
         # in the simulator (one process holds everything), nothing against a full-model
         # round, but more than a whole PEFT round's overhead, whose updates are megabytes.
         apply_memory_settings(recipe)
+    from fedllm.federation import privacy
+
+    private = privacy.enabled(cfg.federation.privacy)
+    if private:
+        # A site's update is made private first, then quantized for the wire ...
+        privacy.add_site_privacy(recipe, cfg, str(layout.root))
     if cfg.federation.quantization:
         from fedllm.federation.quantization import add_quantization
 
         add_quantization(recipe, cfg.federation.quantization)
+    if private:
+        # ... and privacy's input filters see the weights dequantized.
+        privacy.add_privacy_inputs(recipe, cfg)

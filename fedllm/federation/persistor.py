@@ -172,4 +172,9 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
             events.emit("lora_aggregation", file=self.events_file or None, site="server", round=completed,
                         method=lora.get("method"), modules=lora.get("modules"),
                         factor_error=lora.get("factor_error"), svd_error=lora.get("svd_error"))
-        events.emit("global_model", file=self.events_file or None, site="server", round=completed, bytes=nbytes)
+        # Who made this round (fedllm.federation.participation, .aggregation): the sites
+        # aggregated, those whose update was rejected and those lost, with why.
+        taken = {key: value for key, value in (ml.get(ModelLearnableKey.META) or {}).items()
+                 if key in ("aggregated_sites", "rejected_sites", "lost_sites")}
+        events.emit("global_model", file=self.events_file or None, site="server", round=completed, bytes=nbytes,
+                    **taken)

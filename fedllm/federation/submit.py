@@ -205,6 +205,10 @@ def run_on_federation(
     if status != COMPLETED:
         failed = [d for d in meta.get("job_deploy_detail") or [] if not str(d).endswith(": OK")]
         detail = f"; deployment: {', '.join(map(str, failed))}" if failed else ""
+        from fedllm.federation.federate import failure_reason
+
+        reason = failure_reason(run_dir)  # the server's round_failed event, where the run dir is shared
+        detail += f"; {reason}" if reason else ""
         raise FedllmError(f"federation: job {job_id} ({name}) ended {status}, not {COMPLETED}{detail}; see the server's log")
     return seconds
 

@@ -73,16 +73,35 @@ def display_name(setting_key: str, setting: Optional[dict] = None) -> str:
 
     if setting_key.startswith("site:"):
         return setting_key[len("site:"):]
-    record = (setting or {}).get("algorithm") if setting_key == "fedavg" or setting_key.startswith("fedavg:") else None
+    federated = setting_key == "fedavg" or setting_key.startswith("fedavg:")
+    record = (setting or {}).get("algorithm") if federated else None
+    private = _privacy_words((setting or {}).get("privacy")) if federated else []
     if setting_key.startswith("fedavg:"):
         words = setting_key[len("fedavg:"):].replace("-", "_").split("_")
         variant = " ".join(_ACRONYMS.get(w.lower(), w) for w in words if w)
         if isinstance(record, dict):  # a variant named by its algorithm is that algorithm, nothing more
-            return algorithm_label(record, extra=[] if record.get("name") == setting_key[len("fedavg:"):] else [variant])
-        return f"FedAvg ({variant})"
-    if isinstance(record, dict):
-        return algorithm_label(record)
+            extra = [] if record.get("name") == setting_key[len("fedavg:"):] else [variant]
+            return algorithm_label(record, extra=extra + private)
+        return f"FedAvg ({', '.join([variant, *private])})"
+    if isinstance(record, dict) or private:
+        return algorithm_label(record, extra=private)
     return _DISPLAY_NAMES.get(setting_key, setting_key)
+
+
+def _privacy_words(record: Any) -> list[str]:
+    """``["DP ε=4.2"]`` for a setting whose sites noised their updates (fedllm.federation.privacy),
+    ``["DP σ=0"]`` without noise, ``["excluded weights"]`` / ``["percentile"]`` for the other filters."""
+    if not isinstance(record, dict):
+        return []
+    words = []
+    if record.get("mechanism"):
+        epsilon = record.get("epsilon")
+        words.append(f"DP ε={epsilon:.3g}" if isinstance(epsilon, (int, float)) else "DP σ=0")
+    if record.get("percentile"):
+        words.append("percentile")
+    if record.get("exclude_vars"):
+        words.append("excluded weights")
+    return words
 
 
 def is_federated(setting_key: str, setting: dict) -> bool:
