@@ -3,6 +3,7 @@ PercentilePrivacy, and DP-FedAvg's clipped, noised update with an ε from Opacus
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -173,7 +174,40 @@ class CaptureResults(Filter):
         glob = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)[ModelLearnableKey.WEIGHTS]
         save_file({k: torch.as_tensor(v).contiguous() for k, v in glob.items()},
                   os.path.join(self.folder, "global.safetensors"))
+        # Everything else the message holds (headers, meta, metrics): its strings, numbers and
+        # the shapes of its arrays, to look for anything of the site's data in it.
+        with open(os.path.join(self.folder, f"{site}.message.json"), "w") as f:
+            json.dump(_inventory(dict(shareable)), f)
         return shareable
+
+
+def _inventory(value, path: str = "") -> dict:
+    """``{"strings": [...], "int_runs": longest list of integers, "arrays": {path: shape}}`` of
+    a message, walked through dicts, lists, tuples and objects' __dict__."""
+    found = {"strings": [], "int_runs": 0, "arrays": {}}
+
+    def walk(v, where, depth=0):
+        if depth > 12:
+            return
+        if isinstance(v, (str, bytes)):
+            found["strings"].append(v if isinstance(v, str) else v.decode("utf-8", "replace"))
+        elif hasattr(v, "shape") and hasattr(v, "dtype"):
+            found["arrays"][where] = list(v.shape)
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                walk(k, where, depth + 1)
+                walk(item, f"{where}/{k}", depth + 1)
+        elif isinstance(v, (list, tuple, set)):
+            items = list(v)
+            if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                found["int_runs"] = max(found["int_runs"], len(items))
+            for i, item in enumerate(items):
+                walk(item, f"{where}[{i}]", depth + 1)
+        elif hasattr(v, "__dict__") and not callable(v):
+            walk(vars(v), where, depth + 1)
+
+    walk(value, path)
+    return found
 
 
 @pytest.mark.slow  # three one-round federations of 2 sites: about 1.5 minutes on 2 shared cores
@@ -247,6 +281,27 @@ def test_privacy_filters_in_a_federation(tmp_path, shared_data, monkeypatch):
         assert noise.std().item() == pytest.approx(sigma * clip, rel=0.03), site
         assert abs(noise.mean().item()) < 5 * sigma * clip / math.sqrt(noise.numel())
         assert privacy_events[site]["epsilon"] == pytest.approx(epsilon_after(1, sigma, 1e-5), rel=1e-6)
+    # Nothing raw leaves a site: what the server received holds the exchanged weights (the
+    # model's own names and shapes, no batch-shaped tensor such as per-example gradients) and
+    # small headers and metrics; no text of the site's training rows, no run of token ids; and
+    # nothing the server persisted or logged holds that text either.
+    from fedllm.data import load_partitions
+
+    for site in sites:
+        inventory = json.loads((out["plain"] / "captured" / f"{site}.message.json").read_text())
+        weights = {path.rsplit("/", 1)[-1]: shape for path, shape in inventory["arrays"].items()}
+        assert weights == {k: list(v.shape) for k, v in glob.items()}, site
+        assert inventory["int_runs"] <= 8, "a list of integers in the message: token ids?"
+        message = "\n".join(inventory["strings"])
+        rows = load_partitions(out["plain"] / "data").train(site)
+        snippets = [text[:40] for ex in rows for text in (ex.instruction, ex.input, ex.output) if len(text) >= 40]
+        assert len(snippets) > 20
+        persisted = "\n".join(p.read_text(errors="replace") for p in (out["plain"] / "events").glob("server*.jsonl")) + \
+            "\n".join(p.read_text(errors="replace") for p in (out["plain"] / "federation" / "workspace").rglob("*")
+                      if p.is_file() and p.suffix in (".txt", ".json", ".log") and "/server/" in str(p))
+        leaked = [t for t in snippets if t in message or t in persisted]
+        assert not leaked, f"training text of {site} reached the server: {leaked[:3]}"
+
     record = summaries["noisy"]["privacy"]
     assert record["accountant"] == "opacus RDP" and record["sample_rate"] == 1.0 and record["rounds"] == 1
     assert record["epsilon"] == pytest.approx(epsilon_after(1, sigma, 1e-5)) and record["delta"] == 1e-5
