@@ -3,7 +3,8 @@ simulator: the sites' training processes are real processes, and one is SIGKILLe
 
 - ``federation.min_clients`` = N−1: the round completes with the other sites, the server logs
   ``site_lost`` naming the site and round, every configured round is persisted, and the
-  setting's rounds say which sites each global model averages;
+  setting's rounds say which sites each global model averages; at its next task the site
+  launches a new training process (``site_restarted``) and the next round averages it again;
 - ``federation.min_clients`` = N: the job stops with an error naming the lost site, and
   ``fedllm federate --resume`` runs the remaining rounds from the last persisted one.
 """
@@ -77,12 +78,20 @@ def test_a_round_completes_without_a_killed_site_when_min_clients_allows(tmp_pat
 
     lost = [e for e in server_events(run) if e["event"] == "site_lost"]
     assert lost and lost[0]["lost_site"] == VICTIM and lost[0]["round"] == 1 and lost[0]["ts"] >= killed_at - 1
+    assert [e["round"] for e in lost] == [1]  # lost for its round only
     fedavg = json.loads((run / "settings" / "fedavg.json").read_text())
     assert [r["round"] for r in fedavg["rounds"]] == [1, 2]  # every configured round
-    for record in fedavg["rounds"]:
-        # its training process is gone for the rest of the job: lost in every later round too
-        assert sorted(record["aggregated_sites"]) == ["dolly", "medical"]
-        assert list(record["lost_sites"]) == [VICTIM]
+    first, second = fedavg["rounds"]
+    assert sorted(first["aggregated_sites"]) == ["dolly", "medical"] and list(first["lost_sites"]) == [VICTIM]
+    # the site launched a new training process for round 2's task and rejoined (fedllm.federation.relaunch)
+    assert sorted(second["aggregated_sites"]) == sorted(SITES) and not second.get("lost_sites")
+    site = [json.loads(line) for line in RunDir(run).site_events(VICTIM).read_text().splitlines()]
+    [restarted] = [e for e in site if e["event"] == "site_restarted"]
+    assert restarted["site"] == VICTIM and restarted["round"] == 1 and restarted["ts"] >= killed_at
+    assert "exited" in restarted["reason"]
+    # the new process trained round 2 (0-based 1) from where an unbroken one would stand
+    [round_end] = [e for e in site if e["event"] == "round_end" and e["round"] == 1]
+    assert round_end["ts"] > restarted["ts"] and round_end["step"] == 2 * 60
     assert RunDir(run).round_weights(2).is_file()
 
 

@@ -109,3 +109,51 @@ def test_custom_intervals_and_bad_values(tmp_path):
         apply_memory_settings(_recipe(tmp_path), gc_every_rounds=0)
     with pytest.raises(FedllmError, match="expected an nvflare FedAvgRecipe"):
         apply_round_tuning(object())
+
+
+def test_sites_relaunch_a_dead_training_process(tmp_path, monkeypatch):
+    """fedllm's job puts NVFlare's ClientAPIExecutor, with its own arguments, under
+    fedllm.federation.relaunch's class: its backend launches a new training process when the
+    one launched once per job died (tests/test_site_dropout.py runs it)."""
+    from nvflare.app_common.executors.client_api.external_process_backend import ExternalProcessBackend
+
+    from conftest import TINY_CONFIG
+    from fedllm.config import load_config
+    from fedllm.federation import relaunch
+    from fedllm.federation.job import build_recipe
+
+    recipe = build_recipe(load_config(TINY_CONFIG), tmp_path, ["a", "b"])
+    recipe.export(str(tmp_path / "job"))
+    client = json.loads(next((tmp_path / "job").rglob("config_fed_client.json")).read_text())
+    (executor,) = client["executors"]
+    assert executor["executor"]["path"] == "fedllm.federation.relaunch.SiteRestartingExecutor"
+    args = executor["executor"]["args"]
+    assert args["execution_mode"] == "external_process" and "launch_once" not in args  # NVFlare's default: once
+    rebuilt = relaunch.SiteRestartingExecutor(**args)  # as the site's job loader builds it
+    assert isinstance(rebuilt._create_external_process_backend(), relaunch.SiteRestartingBackend)
+    assert relaunch.run_dir_of(args["command"]) == str(tmp_path)  # where its site_restarted event goes
+
+    # the NVFlare internals it relies on are checked, loudly
+    monkeypatch.delattr(ExternalProcessBackend, "_trainer_liveness_error")
+    with pytest.raises(FedllmError, match=r"ExternalProcessBackend._trainer_liveness_error, missing in the installed NVFlare 2\.9"):
+        relaunch.SiteRestartingBackend()
+
+
+def test_a_dead_trainer_is_relaunched_only_while_the_run_goes_on():
+    from nvflare.apis.signal import Signal
+
+    from fedllm.federation.relaunch import SiteRestartingBackend
+
+    backend = SiteRestartingBackend()
+    backend._run_abort_signal = Signal()
+    assert backend._lost_trainer_reason() == "no trainer process"  # never launched / cleaned up
+    backend._latch_abort("trainer process group exited (rc=-9)")  # what NVFlare latches when it dies
+    assert backend._lost_trainer_reason() == "trainer process group exited (rc=-9)"
+    backend._terminal_intent = "abort"  # a run abort (ExternalProcessBackend.abort) or a lost result source
+    assert backend._lost_trainer_reason() is None
+    backend._terminal_intent = None
+    backend._run_abort_signal.trigger(True)
+    assert backend._lost_trainer_reason() is None
+    backend._run_abort_signal = Signal()
+    backend._closed = True  # END_RUN
+    assert backend._lost_trainer_reason() is None

@@ -54,6 +54,14 @@ class ResumableFedAvgRecipe(FedAvgRecipe):
         self.participation = dict(participation or {})
         super().__init__(**kwargs)
 
+    def _prepare_client_apps(self) -> None:
+        super()._prepare_client_apps()
+        # A site whose training process died launches a new one at its next task and rejoins
+        # the job (fedllm.federation.relaunch); NVFlare's executor fails every later task instead.
+        from fedllm.federation.relaunch import restart_dead_site_trainers
+
+        restart_dead_site_trainers(self._job)
+
     def _get_controller_kwargs(self) -> dict:
         # min_responses, round timeout, wait after the minimum, event log: fedllm.federation.participation
         return {**super()._get_controller_kwargs(), "start_round": self.start_round, **self.participation}

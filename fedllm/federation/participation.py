@@ -13,7 +13,9 @@ ends the job or leaves it waiting forever. fedllm's controller instead
   :func:`round_timeout`), unless ``round_timeout`` is set;
 - counts a site as lost when its result is an error (its training process died: NVFlare's
   launcher answers the task with an error code) or never came; each lost site gets a
-  ``site_lost`` event (site, round, reason) in the server's event log;
+  ``site_lost`` event (site, round, reason) in the server's event log. A site whose
+  training process died launches a new one at its next task and is back in the next round
+  (fedllm.federation.relaunch);
 - counts only results the aggregator accepted (``accept_model`` returns False for a rejected
   update: fedllm.federation.aggregation), and fails the round when fewer than the minimum
   were aggregated, with a ``round_failed`` event and an error naming the missing sites. The

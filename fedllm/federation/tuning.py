@@ -155,7 +155,8 @@ def site_process_settings(python: str | None = None, module: str | None = None) 
     over tasks and results with events. In-process (NVFlare's default) it polls both ways
     every 0.5 s (``_RESULT_POLL_INTERVAL`` in ``nvflare/app_common/executors/client_api/
     in_process_backend.py``, a constant no job setting reaches): about 0.5-1 s per round.
-    The process is launched once per job (``launch_once``), so start-up is paid once.
+    The process is launched once per job (``launch_once``), so start-up is paid once (fedllm's
+    job launches a new one at the next task if it dies: fedllm.federation.relaunch).
 
     ``module``: run the site script as an installed module (``python -m module``) instead of
     the job's copy of ``train_script``. A script that lives inside a package needs it: NVFlare
