@@ -43,7 +43,9 @@ class ResumableFedAvgRecipe(FedAvgRecipe):
     ``server_optimizer``: NVFlare's ``optimizer_args`` for FedOpt; the controller is then
     fedllm's :class:`~fedllm.federation.fedopt.ServerOptimizer` (NVFlare's FedOpt controller
     over this recipe's persistor and aggregator; why not NVFlare's FedOptRecipe: see
-    fedllm/federation/fedopt.py). None: NVFlare's FedAvg.
+    fedllm/federation/fedopt.py). None: fedllm's FedAvg controller,
+    :class:`~fedllm.federation.participation.SiteTolerantFedAvg`. ``participation``: its
+    arguments (``participation_args``).
     """
 
     def __init__(self, *, start_round: int = 0, server_optimizer: dict | None = None,
@@ -67,32 +69,9 @@ class ResumableFedAvgRecipe(FedAvgRecipe):
         return {**super()._get_controller_kwargs(), "start_round": self.start_round, **self.participation}
 
     def _create_controller(self, persistor_id: str, model_params, model_aggregator):
-        if self.server_optimizer is None:
-            from fedllm.federation.participation import SiteTolerantFedAvg
-
-            # FedAvgRecipe._create_controller's arguments, to fedllm's FedAvg.
-            return SiteTolerantFedAvg(
-                num_clients=self.min_clients,
-                num_rounds=self.num_rounds,
-                persistor_id=persistor_id,
-                model=model_params,
-                save_filename=self.save_filename,
-                aggregator=model_aggregator,
-                stop_cond=self.stop_cond,
-                patience=self.patience,
-                task_name="train",
-                exclude_vars=self.exclude_vars,
-                aggregation_weights=self.aggregation_weights,
-                memory_gc_rounds=self.server_memory_gc_rounds,
-                enable_tensor_disk_offload=self.enable_tensor_disk_offload,
-                **self._get_controller_kwargs(),
-            )
-        from nvflare.recipe.utils import ensure_config_type_dict
-
-        from fedllm.federation.fedopt import ServerOptimizer
-
-        # FedAvgRecipe._create_controller's arguments, to FedOpt's controller.
-        return ServerOptimizer(
+        # FedAvgRecipe._create_controller's arguments, to fedllm's FedAvg (rounds that survive
+        # lost sites) or, with a server optimizer, to FedOpt's controller over the same.
+        arguments = dict(
             num_clients=self.min_clients,
             num_rounds=self.num_rounds,
             persistor_id=persistor_id,
@@ -106,10 +85,18 @@ class ResumableFedAvgRecipe(FedAvgRecipe):
             aggregation_weights=self.aggregation_weights,
             memory_gc_rounds=self.server_memory_gc_rounds,
             enable_tensor_disk_offload=self.enable_tensor_disk_offload,
-            # config_type "dict": the job's config loader must not build the optimizer itself
-            optimizer_args=ensure_config_type_dict(self.server_optimizer),
             **self._get_controller_kwargs(),
         )
+        if self.server_optimizer is None:
+            from fedllm.federation.participation import SiteTolerantFedAvg
+
+            return SiteTolerantFedAvg(**arguments)
+        from nvflare.recipe.utils import ensure_config_type_dict
+
+        from fedllm.federation.fedopt import ServerOptimizer
+
+        # config_type "dict": the job's config loader must not build the optimizer itself
+        return ServerOptimizer(optimizer_args=ensure_config_type_dict(self.server_optimizer), **arguments)
 
 
 def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str], start_round: int = 0,
