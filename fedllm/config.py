@@ -213,6 +213,11 @@ class PrivacyConfig:
     percentile: Optional[PercentilePrivacyConfig] = None
     dp: Optional[DPConfig] = None
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any filter is on."""
+        return any(f is not None for f in (self.exclude_vars, self.percentile, self.dp))
+
 
 @dataclass
 class FederationConfig:
@@ -590,10 +595,10 @@ def check_registered_names(cfg: ExperimentConfig) -> None:
 
         check_mode(cfg.federation.quantization)
     privacy = cfg.federation.privacy
-    if cfg.baselines.non_private and all(f is None for f in (privacy.exclude_vars, privacy.percentile, privacy.dp)):
+    if cfg.baselines.non_private and not privacy.enabled:
         raise FedllmError("config field 'baselines.non_private': needs a privacy filter in federation.privacy "
                           "(without one, fedavg is already non-private)")
-    if any(f is not None for f in (privacy.exclude_vars, privacy.percentile, privacy.dp)):
+    if privacy.enabled:
         # only a run with privacy filters pays for importing them (NVFlare's) here
         from fedllm.federation.privacy import check_privacy
 

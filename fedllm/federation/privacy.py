@@ -84,7 +84,7 @@ ADJACENCY = ("site-level add/remove: a site's whole contribution (its clipped up
 
 def enabled(privacy) -> bool:
     """Whether ``federation.privacy`` asks for any filter."""
-    return privacy is not None and any(x is not None for x in (privacy.exclude_vars, privacy.percentile, privacy.dp))
+    return privacy is not None and privacy.enabled
 
 
 def check_privacy(privacy) -> None:
