@@ -341,3 +341,31 @@ def test_kueue_objects_are_checked_as_strictly_as_the_api_server_would(change, e
     change(queue_object)
     with pytest.raises(jsonschema.ValidationError, match=error):
         validate(queue_object, KUBE_VERSIONS[-1])
+
+
+def server_resources(values: dict) -> dict:
+    (server,) = [d for d in by_kind(render(values), "Deployment") if d["metadata"]["name"] == "demo-server"]
+    (container,) = pod_spec(server)["containers"]
+    return container["resources"]
+
+
+@pytest.mark.parametrize("model_bytes", [0, 7, 9_200_000, 538_000_000, 28_000_000_000])
+def test_the_servers_memory_request_follows_the_model(model_bytes):
+    # one rule for the chart and the library: fedllm.federation.memory
+    from fedllm.federation.memory import server_memory_request
+
+    mib = server_memory_request(model_bytes) >> 20
+    resources = server_resources({"server": {"modelBytes": model_bytes}})
+    assert resources["requests"] == {"cpu": "1", "memory": f"{mib}Mi"}
+    assert resources["limits"] == {"memory": f"{2 * mib}Mi"}
+    assert mib == {0: 1024, 7: 1025, 9_200_000: 1038, 538_000_000: 1794, 28_000_000_000: 41079}[model_bytes]
+
+
+def test_an_explicit_memory_request_or_limit_wins():
+    given = {"requests": {"cpu": "2", "memory": "64Gi"}, "limits": {"memory": "96Gi"}}
+    assert server_resources({"server": {"modelBytes": 28_000_000_000, "resources": given}}) == given
+    # a limit alone is kept; the request is still derived
+    kept = server_resources({"server": {"modelBytes": 538_000_000, "resources": {"limits": {"memory": "16Gi"}}}})
+    assert kept == {"requests": {"cpu": "1", "memory": "1794Mi"}, "limits": {"memory": "16Gi"}}
+    with pytest.raises(helm.HelmValuesError, match="/server/modelBytes"):
+        render({"server": {"modelBytes": -1}})
