@@ -274,6 +274,9 @@ def add_receivers(recipe, cfg: ExperimentConfig, layout: RunDir, start_round: in
             "tracking_uri": t.mlflow.uri,
             "kw_args": {
                 "experiment_name": experiment_name(cfg),
+                # given, even empty: without it NVFlare's receiver print()s a "tag key ... not found"
+                # line to stdout, which carries event lines only
+                "experiment_tags": {},
                 "run_name": "fedavg",
                 "run_tags": {"mlflow.parentRunId": parent, "fedllm.setting": "fedavg", "fedllm.run_dir": str(layout.root),
                              "fedllm.config_sha256": cfg.fingerprint()},

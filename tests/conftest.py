@@ -45,3 +45,7 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# Session-wide runs shared by several test files (imported last: they import this module).
+from tracked_runs import mlflow_server, tracked_cli_run  # noqa: E402,F401  test_tracking.py, test_progress.py

@@ -1,7 +1,9 @@
 """What `fedllm run` prints: at a terminal one live view and no event line; piped (a pod,
 CI, `| tee`) the event lines only, one per event, exactly as the events files hold them.
 
-Both are the tiny run of tests/cli_runs.py (2 sites x 2 rounds, each site alone, centralized).
+Both are the tiny run of tests/cli_runs.py (2 sites x 2 rounds, each site alone, centralized);
+the piped one is the session's run that test_tracking.py also checks (tests/tracked_runs.py:
+the same config with MLflow and TensorBoard on, which must not add a line either).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 
 import pytest
 
-from cli_runs import fedllm, tiny_config
+from cli_runs import tiny_config
 from conftest import REPO
 
 SITES = ("dolly", "oasst1")  # tiny_config's two sources, one site each
@@ -80,9 +82,10 @@ def test_at_a_terminal_the_run_shows_the_live_view_and_no_event_line(config, tmp
 
 
 @pytest.mark.slow
-def test_piped_the_run_prints_the_event_lines_only_one_per_event(config, tmp_path):
-    run = tmp_path / "run"
-    done = fedllm("run", str(config), "--out", str(run))
+def test_piped_the_run_prints_the_event_lines_only_one_per_event(tracked_cli_run):
+    # The session's tiny run (tests/tracked_runs.py), shared with test_tracking.py: this
+    # file's config with MLflow and TensorBoard on, its stdout piped, no --no-progress.
+    run, done = tracked_cli_run.root, tracked_cli_run.done
 
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     printed = [json.loads(line) for line in lines]  # every line: an event

@@ -4,8 +4,9 @@ beats every bank trained alone on the task metric.
 `make run`'s experiment (configs/demo.yaml: SmolLM2-135M-Instruct from PyPI's GGUF,
 LoRA r 8 on q/v, Financial PhraseBank split over the label with Dirichlet alpha 0.3,
 3 rounds x 10 steps of 8 sentences) end to end with fixed seeds; left out to fit CI: the
-zero-shot lm-eval, the centralized baseline and most validation rows. The task metric
-still scores every one of the 227 pooled test rows. README "The demo's results"
+zero-shot lm-eval, the centralized baseline, most validation rows and each bank's task
+metric before its last step. The task metric still scores every one of the 227 pooled
+test rows. README "The demo's results"
 documents the same claim on the full run.
 """
 
@@ -41,8 +42,17 @@ def demo_summary(tmp_path_factory, shared_data):
         locate_gguf(SMOLLM2_SOURCE)
     except FedllmError as e:
         pytest.skip(str(e))
+    from fedllm.train.site import TaskCurve
+
     run = tmp_path_factory.mktemp("real-demo")
-    run_experiment(load_config(DEMO_CONFIG, REDUCED), run, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        # Each bank alone is scored on the 227 test rows after its last step only (the
+        # numbers the claim compares), not also at steps 10 and 20 as `make run` does: six of
+        # the run's thirteen passes over the test rows fewer. The training and every asserted
+        # number stay the same (scoring is gradient-free and restores the train mode); the
+        # FedAvg curve, which the claim checks, is scored per round as before.
+        patch.setattr(TaskCurve, "on_train_batch_start", lambda self, trainer, pl_module, batch, batch_idx: None)
+        run_experiment(load_config(DEMO_CONFIG, REDUCED), run, progress=False)
     return json.loads((run / "summary.json").read_text()), run
 
 

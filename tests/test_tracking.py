@@ -2,37 +2,29 @@
 ``mlflow server``) on localhost, and ``fedllm run`` of the tiny config with TensorBoard and
 MLflow on. MLflow's API then lists a run for the federation (its sites' runs nested under
 it) and one per baseline, each with its metrics per round and the config as parameters;
-TensorBoard's own reader finds the scalars of every site."""
+TensorBoard's own reader finds the scalars of every site.
+
+The run is the session's one tiny tracked run (tests/tracked_runs.py), which
+test_progress.py also checks, for what it prints piped."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cli_runs import fedllm, tiny_config
 from conftest import REPO, TINY_CONFIG
 from fedllm.config import load_config
 from fedllm.errors import FedllmError
 from fedllm.tracking import config_params
+from tracked_runs import TRACKED_EXPERIMENT, TRACKED_ROUNDS
 
-ROUNDS = 2
+ROUNDS = TRACKED_ROUNDS  # 2
 SITES = ["dolly", "oasst1"]  # tiny_config's two sources, one site each
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tracking_is_off_by_default_and_leaves_the_fingerprint_alone():
@@ -70,58 +62,17 @@ def test_importing_fedllm_imports_no_tracker():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on a free localhost port, a SQLite store in a temp folder; stopped by its pid."""
-    pytest.importorskip("mlflow", reason="MLflow and its server: pip install 'fedllm[test]'")
-    folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--default-artifact-root", str(folder / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server did not come up:\n{(folder / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its workers
-        try:
-            server.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory, mlflow_server, shared_data):
-    folder = tmp_path_factory.mktemp("tracked")
-    config = tiny_config(folder, rounds=ROUNDS)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["tracking"] = {"tensorboard": True, "mlflow": {"uri": mlflow_server, "experiment": "fedllm-tracking-test"}}
-    config.write_text(yaml.safe_dump(cfg))
-    run = folder / "run"
-    fedllm("run", str(config), "--out", str(run), "--no-progress")
-    return run
+def tracked_run(tracked_cli_run):
+    """The session's tiny tracked run (tests/tracked_runs.py; test_progress.py checks its piped
+    output): its run dir."""
+    return tracked_cli_run.root
 
 
 def runs_by_setting(uri: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("fedllm-tracking-test")
+    experiment = client.get_experiment_by_name(TRACKED_EXPERIMENT)
     assert experiment is not None, "the experiment named in tracking.mlflow.experiment was not created"
     runs = client.search_runs([experiment.experiment_id])
     return client, {r.data.tags.get("fedllm.setting"): r for r in runs if "mlflow.parentRunId" not in r.data.tags}, runs
