@@ -60,8 +60,13 @@ MODEL = {
 }
 # The same federation with next to no model: what the server job process holds without one.
 BASELINE_MODEL = {"class_path": "torch.nn.Linear", "args": {"in_features": 8, "out_features": 8}}
+# >= 400M parameters: d_model 1024, 16 heads, FFN 4096, 14 + 14 layers (411M, 1.64 GB fp32)
+LARGE_MODEL = {
+    "class_path": "torch.nn.Transformer",
+    "args": {"d_model": 1024, "nhead": 16, "num_encoder_layers": 14, "num_decoder_layers": 14, "dim_feedforward": 4096},
+}
 QUICK_MODEL_ARGS = {"d_model": 512, "nhead": 8, "num_encoder_layers": 3, "num_decoder_layers": 3, "dim_feedforward": 2048}
-VARIANTS = ("nvflare-defaults", "fedllm", "fedllm-in-memory", "fedllm-streaming")
+VARIANTS = ("nvflare-defaults", "nvflare-offload", "fedllm", "fedllm-bf16")
 SAMPLE_EVERY_S = 0.05
 
 
@@ -127,26 +132,68 @@ def build_recipe(variant: str, model: dict, sites: int, rounds: int, noise: floa
     from fedllm.federation.aggregation import RunningWeightedAverage
     from fedllm.federation.tuning import apply_memory_settings, apply_round_tuning, server_memory_settings
 
-    kwargs = {}
-    if variant in ("fedllm", "fedllm-streaming"):
-        kwargs = {**server_memory_settings(), "aggregator": RunningWeightedAverage()}
-    elif variant == "fedllm-in-memory":
-        kwargs = {"server_expected_format": ExchangeFormat.PYTORCH, "aggregator": RunningWeightedAverage()}
-    recipe = FedAvgRecipe(
+    common = dict(
         name=f"b3-{variant}-{sites}",
-        model=model,
         min_clients=sites,
         num_rounds=rounds,
         train_script="bench/common.py",
         train_args=f"--train-ms 0 --noise {noise} --times-dir {workdir / 'site_times'}",
-        **kwargs,
     )
-    apply_round_tuning(recipe)
-    if variant != "nvflare-defaults":
+    if variant.startswith("fedllm"):
+        # What fedllm/federation/job.py builds: its persistor reading round 0 from a file, its
+        # controller sending the global model itself and its aggregator writing the mean into it.
+        from fedllm.federation.job import ResumableFedAvgRecipe
+        from fedllm.federation.persistor import RoundCheckpointPersistor
+
+        dtype = "bfloat16" if variant == "fedllm-bf16" else "float32"
+        initial = write_initial_weights(model, workdir / "initial.safetensors", dtype)
+        persistor = RoundCheckpointPersistor(initial_weights=str(initial), checkpoint_dir=str(workdir / "rounds"),
+                                             events_file=str(workdir / "server_events.jsonl"))
+        recipe = ResumableFedAvgRecipe(
+            participation={"share_global_model": True, "events_file": str(workdir / "server_events.jsonl")},
+            model_persistor=persistor,
+            aggregator=RunningWeightedAverage(),
+            **server_memory_settings(),
+            **common,
+        )
+        apply_round_tuning(recipe)
         apply_memory_settings(recipe)
-    if variant == "fedllm-streaming":
-        recipe.enable_tensor_streaming()
+        return recipe
+    kwargs = {}
+    if variant == "nvflare-offload":
+        kwargs = {"server_expected_format": ExchangeFormat.PYTORCH, "enable_tensor_disk_offload": True}
+    recipe = FedAvgRecipe(model=model, **kwargs, **common)
+    apply_round_tuning(recipe)  # the same polling for all, so only memory differs
     return recipe
+
+
+def write_initial_weights(model: dict, path: Path, dtype: str) -> Path:
+    """``model``'s state dict as the round-0 file fedllm's server reads (``fedllm prepare``
+    writes it for a real run), in ``dtype``."""
+    import importlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    module_name, class_name = model["class_path"].rsplit(".", 1)
+    torch.manual_seed(0)
+    module = getattr(importlib.import_module(module_name), class_name)(**model["args"])
+    weights = {name: value.to(getattr(torch, dtype)).contiguous() for name, value in module.state_dict().items()}
+    del module
+    save_file(weights, str(path))
+    return path
+
+
+def server_round_peaks(workdir: Path) -> list[int]:
+    """The per-round peaks fedllm's persistor recorded (``server_peak_rss`` of its
+    ``global_model`` events), round by round."""
+    import json
+
+    path = workdir / "server_events.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row["server_peak_rss"] for row in rows if row.get("event") == "global_model" and "server_peak_rss" in row]
 
 
 def run_federation(variant: str, sites: int, rounds: int, noise: float, workdir: Path, model: dict = MODEL) -> dict:
@@ -171,7 +218,8 @@ def run_federation(variant: str, sites: int, rounds: int, noise: float, workdir:
                 env.stop(clean_up=True)  # never leave POC services running
             finally:
                 _kill_leftovers(str(workdir / "poc"))
-    return {"wall_s": wall_s, "job_status": str(status_text), "result": str(status), "processes": sampler.peaks}
+    return {"wall_s": wall_s, "job_status": str(status_text), "result": str(status), "processes": sampler.peaks,
+            "round_peaks_recorded": server_round_peaks(workdir)}
 
 
 def _baseline_peak(sites: int, rounds: int) -> int:
@@ -217,74 +265,105 @@ def _submit(recipe, env, attempts: int = 3):
             time.sleep(5)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--noise", type=float, default=1e-3)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: nvflare-defaults fedllm")
-    parser.add_argument("--quick", action="store_true", help="2 sites, a 4x smaller model, the shipped variant only")
-    args = parser.parse_args(argv)
-    model = MODEL
-    if args.quick:
-        args.sites, args.variants = [2], args.variants or ["fedllm"]
-        model = {**MODEL, "args": QUICK_MODEL_ARGS}
-    args.variants = args.variants or ["nvflare-defaults", "fedllm"]
-    os.chdir(REPO)  # train_script is relative to the repo root
-
+def measure(model: dict, label: str, sites_list: list[int], variants: list[str], rounds: int, noise: float,
+            baselines: dict) -> tuple[list[list], list[dict]]:
+    """Run ``variants`` at each number of sites with ``model``; table rows and run records."""
     params, nbytes = model_size_bytes(model)
-    rows, runs, baselines = [], [], {}
-    for sites in args.sites:
-        baselines[str(sites)] = _baseline_peak(sites, args.rounds)
-        for variant in args.variants:
+    rows, runs = [], []
+    for sites in sites_list:
+        if str(sites) not in baselines:
+            baselines[str(sites)] = _baseline_peak(sites, rounds)
+        for variant in variants:
             workdir = Path(tempfile.mkdtemp(prefix=f"b3-{variant}-{sites}-"))
             try:
-                result = run_federation(variant, sites, args.rounds, args.noise, workdir, model)
+                result = run_federation(variant, sites, rounds, noise, workdir, model)
             except Exception as error:  # e.g. the POC server never came up: record it, measure the rest
-                print(f"[b3] {variant} sites={sites} failed: {type(error).__name__}: {error}", flush=True)
-                runs.append({"variant": variant, "sites": sites, "error": f"{type(error).__name__}: {error}"})
+                print(f"[b3] {label} {variant} sites={sites} failed: {type(error).__name__}: {error}", flush=True)
+                runs.append({"model": label, "variant": variant, "sites": sites, "error": f"{type(error).__name__}: {error}"})
                 continue
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
             by_role = {}
             for pid, entry in result["processes"].items():
-                role = entry["role"]
-                by_role[role] = max(by_role.get(role, 0), entry["peak_rss"])
-            run = {"variant": variant, "sites": sites, "rounds": args.rounds, **result, "peak_rss_by_role": by_role}
+                by_role[entry["role"]] = max(by_role.get(entry["role"], 0), entry["peak_rss"])
+            job_peak, parent_peak = by_role.get("server job", 0), by_role.get("server parent", 0)
+            baseline = baselines[str(sites)]
+            net = (job_peak - baseline) / nbytes if baseline else None
+            run = {"model": label, "parameters": params, "bytes_fp32": nbytes, "variant": variant, "sites": sites,
+                   "rounds": rounds, **result, "peak_rss_by_role": by_role,
+                   "peak_rss_over_model": job_peak / nbytes, "net_over_model": net}
             runs.append(run)
-            job_peak = by_role.get("server job", 0)
-            parent_peak = by_role.get("server parent", 0)
-            net = (job_peak - baselines[str(sites)]) / nbytes if baselines[str(sites)] else None
-            run["net_over_model"] = net
-            rows.append(
-                [variant, sites, job_peak / 2**20, job_peak / nbytes, net if net is not None else "n/a",
-                 parent_peak / nbytes, result["wall_s"]]
-            )
-            print(f"[b3] {variant} sites={sites}: server job peak {job_peak / nbytes:.2f}x model "
+            recorded = result["round_peaks_recorded"]
+            rows.append([label, variant, sites, job_peak / 2**20, job_peak / nbytes, net if net is not None else "n/a",
+                         " / ".join(f"{p / nbytes:.2f}" for p in recorded) or "-", parent_peak / nbytes, result["wall_s"]])
+            print(f"[b3] {label} {variant} sites={sites}: server job peak {job_peak / nbytes:.2f}x model "
                   f"({net if net is not None else float('nan'):.2f}x net of the process), "
-                  f"parent {parent_peak / nbytes:.2f}x, wall {result['wall_s']:.0f} s, status {result['job_status']}",
-                  flush=True)
+                  f"per round as recorded {[round(p / nbytes, 2) for p in recorded]}, parent {parent_peak / nbytes:.2f}x, "
+                  f"wall {result['wall_s']:.0f} s, status {result['job_status']}", flush=True)
+    return rows, runs
 
-    print(f"model: torch.nn.Transformer {params / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB fp32; "
-          f"server job process without a model: {', '.join(f'{k} sites {v / 2**20:.0f} MiB' for k, v in baselines.items())}")
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8, 16], help="sites for the 106M model")
+    parser.add_argument("--large-sites", type=int, nargs="*", default=[2, 4, 8], help="sites for the 411M model")
+    parser.add_argument("--nvflare-sites", type=int, nargs="*", default=[2, 4, 8],
+                        help="sites at which NVFlare's own variants run (106M model only: at 16 sites or 411M "
+                             "they would not fit this machine's memory beside the sites)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--noise", type=float, default=1e-3)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all")
+    parser.add_argument("--quick", action="store_true", help="2 sites, a 4x smaller model, fedllm only")
+    args = parser.parse_args(argv)
+    model, large = MODEL, LARGE_MODEL
+    if args.quick:
+        args.sites, args.large_sites, args.variants = [2], [], args.variants or ["fedllm"]
+        model = {**MODEL, "args": QUICK_MODEL_ARGS}
+    args.variants = args.variants or list(VARIANTS)
+    os.chdir(REPO)  # train_script is relative to the repo root
+
+    params, nbytes = model_size_bytes(model)
+    label = f"{params / 1e6:.0f}M"
+    baselines: dict = {}
+    rows, runs = [], []
+    for sites in args.sites:
+        variants = [v for v in args.variants if v.startswith("fedllm") or sites in args.nvflare_sites]
+        more_rows, more_runs = measure(model, label, [sites], variants, args.rounds, args.noise, baselines)
+        rows += more_rows
+        runs += more_runs
+    if args.large_sites:
+        large_params, large_bytes = model_size_bytes(large)
+        more_rows, more_runs = measure(large, f"{large_params / 1e6:.0f}M", args.large_sites, ["fedllm"],
+                                       args.rounds, args.noise, baselines)
+        rows += more_rows
+        runs += more_runs
+
+    print(f"models: torch.nn.Transformer {label} ({nbytes / 2**20:.0f} MiB fp32)"
+          + (f", {large_params / 1e6:.0f}M ({large_bytes / 2**20:.0f} MiB fp32)" if args.large_sites else "")
+          + f"; server job process without a model: {', '.join(f'{k} sites {v / 2**20:.0f} MiB' for k, v in baselines.items())}")
     print_table(
-        ["variant", "sites", "server job peak RSS (MiB)", "x model", "x model, net of the process", "server parent x model", "wall (s)"],
+        ["model", "variant", "sites", "server job peak RSS (MiB)", "x model (fp32)", "x model, net of the process",
+         "per round, recorded by fedllm", "server parent x model", "wall (s)"],
         rows,
     )
-    shipped_runs = [r for r in runs if r["variant"] == "fedllm" and "error" not in r]
-    shipped = {str(r["sites"]): r["peak_rss_by_role"].get("server job", 0) / nbytes for r in shipped_runs}
+    ok = [r for r in runs if "error" not in r]
+    shipped = [r for r in ok if r["variant"] == "fedllm"]
     payload = {
         "benchmark": "b3",
         "model": {**model, "parameters": params, "bytes_fp32": nbytes},
+        "large_model": {**large, "parameters": large_params, "bytes_fp32": large_bytes} if args.large_sites else None,
         "setup": {"rounds": args.rounds, "noise": args.noise, "mode": "POC (PocEnv)", "sample_every_s": SAMPLE_EVERY_S},
-        "setup_line": f"torch.nn.Transformer {params / 1e6:.0f}M params, full SFT weights, POC, {args.rounds} rounds",
-        "peak_rss_over_model": shipped,
-        "net_peak_rss_over_model": {str(r["sites"]): r["net_over_model"] for r in shipped_runs},
+        "setup_line": f"torch.nn.Transformer {label}"
+                      + (f" and {large_params / 1e6:.0f}M" if args.large_sites else "")
+                      + f" params, full SFT weights, POC, {args.rounds} rounds",
+        # the shipped variant, per model and number of sites
+        "peak_rss_over_model": {f"{r['model']}/{r['sites']}": r["peak_rss_over_model"] for r in shipped},
+        "net_peak_rss_over_model": {f"{r['model']}/{r['sites']}": r["net_over_model"] for r in shipped},
         "baseline_peak_rss_bytes": baselines,
-        "by_variant": {
-            v: {str(r["sites"]): r["peak_rss_by_role"].get("server job", 0) / nbytes for r in runs if r["variant"] == v and "error" not in r}
-            for v in args.variants
-        },
+        "by_variant": {v: {f"{r['model']}/{r['sites']}": r["peak_rss_over_model"] for r in ok if r["variant"] == v}
+                       for v in args.variants},
+        "net_by_variant": {v: {f"{r['model']}/{r['sites']}": r["net_over_model"] for r in ok if r["variant"] == v}
+                           for v in args.variants},
         "runs": runs,
     }
     path = write_result("b3", payload)

@@ -159,7 +159,11 @@ def site_main() -> None:
         for name, value in model.params.items():
             tensor = torch.as_tensor(value)
             if args.noise and tensor.is_floating_point():
-                tensor = tensor + args.noise * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                noise = args.noise * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                if isinstance(value, torch.Tensor):
+                    tensor.add_(noise)  # in place: a site holds one model (B3's 16 sites share one machine)
+                else:
+                    tensor = tensor + noise  # numpy arrays may arrive read-only
             params[name] = tensor if isinstance(value, torch.Tensor) else tensor.numpy()
         del model.params
         sent_at = time.time()

@@ -243,6 +243,9 @@ class FederationConfig:
     wait_after_min_clients: Optional[float] = None
     round_timeout: Optional[float] = None
     min_bandwidth_mb_s: float = 1.0
+    # NVFlare's transfer timeouts in seconds, by NVFlare's key (fedllm.federation.transfer.TIMEOUTS):
+    # each one given here replaces the one derived from the model's bytes at ``min_bandwidth_mb_s``.
+    transfer_timeouts: dict[str, float] = field(default_factory=dict)
     weighting: Literal["samples", "steps", "uniform"] = "samples"
     quantization: Optional[str] = None
     threads: Optional[int] = None
@@ -256,6 +259,11 @@ class FederationConfig:
     max_update_norm: Optional[float] = None
     # What a site's update goes through before it leaves the site (fedllm.federation.privacy).
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # The dtype weights travel and are kept in on the server: None = the dtype they train in
+    # (float32, bfloat16 with ``training.precision: bf16-true``). ``bfloat16``/``float16`` halve
+    # the bytes and the server's memory; with float32 training each round then rounds the
+    # global model to it. The server's mean is still summed in float64, one tensor at a time.
+    exchange_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
 
 
 @dataclass
@@ -560,6 +568,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise FedllmError(f"config field 'federation.{name}': must be > 0 seconds (or null: derived), got {getattr(fed, name)}")
     if fed.min_bandwidth_mb_s <= 0:
         raise FedllmError(f"config field 'federation.min_bandwidth_mb_s': must be > 0, got {fed.min_bandwidth_mb_s}")
+    from fedllm.federation.transfer import check_transfer_timeouts  # imports no NVFlare
+
+    check_transfer_timeouts(fed.transfer_timeouts)
     if fed.max_update_norm is not None and not 0 < fed.max_update_norm < float("inf"):
         raise FedllmError(
             f"config field 'federation.max_update_norm': must be a number > 0 (or null: no bound), got {fed.max_update_norm}"

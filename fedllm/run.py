@@ -154,6 +154,7 @@ def prepare(cfg: ExperimentConfig, run_dir: str | os.PathLike, store: Optional[s
     """:func:`prepare_run`, returning the opened :class:`Run`."""
     from fedllm.data import format_example, prepare_partitions
     from fedllm.train.model import prepare_base_model
+    from fedllm.train.site import write_initial_weights
 
     layout = RunDir(run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -166,6 +167,8 @@ def prepare(cfg: ExperimentConfig, run_dir: str | os.PathLike, store: Optional[s
     if cfg.model.source == "tiny":
         texts = ["".join(format_example(e, cfg.data.template)) for e in parts.pooled_train()]
     prepare_base_model(cfg.model, layout.base_model, texts, seed=cfg.seed)
+    # Round 0 of the federation, so its server reads weights instead of building a model.
+    write_initial_weights(cfg, layout.base_model, layout.initial_weights)
     write_json_atomic(layout.model_info, describe_model(cfg, layout.base_model))
     run = Run(layout, cfg, store_uri_of(store))
     run.__dict__["partitions"] = parts  # cached_property: read once, here

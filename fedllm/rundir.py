@@ -50,6 +50,8 @@ ROUNDS = f"{FEDERATION}/rounds"
 BEST = f"{FEDERATION}/best"
 WORKSPACE = f"{FEDERATION}/workspace"
 ROUND_WEIGHTS = "exchanged.safetensors"
+# the federation's round-0 weights, beside the base model (RunDir.initial_weights)
+INITIAL_WEIGHTS = "fedllm-round-0.safetensors"
 ROUND_META = "meta.json"
 ROUND_SERVER_OPTIMIZER = "server_optimizer.safetensors"  # FedOpt: the server optimizer's state after the round
 TOP_FILES = (CONFIG, MODEL_INFO, SUMMARY)
@@ -149,6 +151,12 @@ class RunDir:
     @property
     def base_model(self) -> Path:
         return self.root / MODELS / "base"
+
+    @property
+    def initial_weights(self) -> Path:
+        """The federation's round-0 weights (the exchanged ones, in the exchange dtype),
+        written by ``prepare`` beside the base model so the server never builds a model."""
+        return self.base_model / INITIAL_WEIGHTS
 
     def model(self, setting: str | Setting) -> Path:
         """Where a setting's trained model is exported."""

@@ -76,7 +76,7 @@ def test_the_table_shows_every_headline_number():
         "b2": {"headline_model": "tiny", "lora_over_sft": 0.004, "prompt_tuning_over_sft": 0.0001, "q8_over_fp32": 0.25,
                "models": {"tiny": {"parameters": 1e6, "methods": {"sft": {"over_fp32_full": {
                    "fp16": 0.5, "blockwise8": 0.25, "float4": 0.13, "normfloat4": 0.13}}}}}},
-        "b3": {"peak_rss_over_model": {"2": 3.0, "4": 3.1, "8": 3.2}, "setup_line": "x"},
+        "b3": {"peak_rss_over_model": {"106M/2": 3.0, "106M/16": 3.1, "411M/8": 3.2}, "setup_line": "x"},
         "b4": {"setup": {**setup, "method": "sft", "steps": 30}, "fedllm_over_plain": 0.97, "best_variant": "fedllm+packing",
                "speedup_over_plain": 1.4},
         "b5": {"error": "never"},
@@ -86,6 +86,7 @@ def test_the_table_shows_every_headline_number():
     assert "lora: site tok/s / plain loop" in measures and "sft: overhead per round (s)" in measures
     assert "LoRA bytes / SFT bytes" in measures and "SFT blockwise8 / fp32" in measures
     assert [r[2] for r in rows if r[0] == "B3"] == ["3.00", "3.10", "3.20"]
+    assert [r[1] for r in rows if r[0] == "B3"][-1] == "server peak RSS / model, 411M, 8 sites"
     assert any(r[1].startswith("best (fedllm+packing)") and r[2] == "1.400" for r in rows)
 
 

@@ -134,7 +134,7 @@ def test_a_resumed_fedopt_job_gets_the_optimizer_state_from_the_persistor_and_ne
     state = handed["meta"].pop(SERVER_OPTIMIZER_STATE)  # as RoundCheckpointPersistor.save_model does
     save_round(tmp_path, 1, handed["weights"], {"round": 1}, server_optimizer=state)
 
-    persistor = RoundCheckpointPersistor(model={}, checkpoint_dir=str(tmp_path), resume_round=1)
+    persistor = RoundCheckpointPersistor(initial_weights="", checkpoint_dir=str(tmp_path), resume_round=1)
     resumed = controller("SGD", **sgd)
     resumed.start_round = 1
     resumed.persistor = type("Persistor", (), {"load": lambda _, ctx: persistor.load_model(ctx)})()

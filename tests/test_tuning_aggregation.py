@@ -132,3 +132,69 @@ def test_disk_offloaded_updates_are_summed_in_site_order_at_the_end(tmp_path):
         assert torch.equal(first[name], second[name])  # bit for bit, whatever the arrival order
         assert torch.allclose(first[name].double(), expected[name], rtol=0, atol=1e-6)
     assert results[0].meta["aggregated_sites"] == ["c-site", "a-site", "b-site"]
+
+
+# -- the mean written into the global model (one model on the server) -------------------------
+
+def _global_and_updates(seed: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    global_model = {"w": torch.randn(64, 32, generator=generator), "b": torch.randn(32, generator=generator),
+                    "count": torch.tensor([3, 8], dtype=torch.int64),
+                    "half": torch.randn(16, generator=generator).to(torch.bfloat16)}
+    updates = {site: {"w": global_model["w"] + torch.randn(64, 32, generator=generator),
+                      "b": global_model["b"] + torch.randn(32, generator=generator),
+                      "count": torch.tensor([k, 2 * k + 1], dtype=torch.int64),
+                      "half": (global_model["half"].float() + torch.randn(16, generator=generator)).to(torch.bfloat16)}
+               for k, site in enumerate(("c-site", "a-site", "b-site"), start=1)}
+    return global_model, updates
+
+
+@pytest.mark.parametrize("offloaded", [True, False], ids=["offloaded", "in-memory"])
+def test_the_mean_goes_into_the_global_models_own_tensors_bit_for_bit_as_a_separate_result(tmp_path, offloaded):
+    """into_global: the result's tensors are the global model's (no second model on the server),
+    holding exactly what the separate result holds: order-independent float64 means, integers
+    rounded, bf16 kept bf16."""
+    global_model, updates = _global_and_updates()
+    steps = {"a-site": 7, "b-site": 11, "c-site": 13}
+
+    def aggregate(into_global: bool, order: list[str], folder):
+        model = {name: value.clone() for name, value in global_model.items()}
+        aggregator = RunningWeightedAverage()
+        aggregator.begin_round(model, 1, into_global=into_global)
+        folder.mkdir()
+        for site in order:
+            params = {name: value.clone() for name, value in updates[site].items()}
+            aggregator.accept_model(_site_result(site, as_offloaded(folder, site, params) if offloaded else params, steps[site]))
+        return model, aggregator.aggregate_model()
+
+    _, separate = aggregate(False, ["a-site", "b-site", "c-site"], tmp_path / "separate")
+    for i, order in enumerate((["c-site", "a-site", "b-site"], ["b-site", "c-site", "a-site"])):
+        model, result = aggregate(True, order, tmp_path / f"into-{i}")
+        assert result.params_type == ParamsType.FULL
+        for name, value in result.params.items():
+            assert value is model[name], name  # the global model's own tensor, overwritten
+            assert value.dtype == global_model[name].dtype, name
+            assert torch.equal(value, separate.params[name]), name
+    assert model["count"].tolist() == [round((7 * 2 + 11 * 3 + 13 * 1) / 31), round((7 * 5 + 11 * 7 + 13 * 3) / 31)]
+
+
+def test_a_diff_mean_is_added_to_the_global_model_and_a_rejected_round_leaves_it_untouched():
+    global_model, _ = _global_and_updates()
+    model = {name: value.clone() for name, value in global_model.items() if name in ("w", "b")}
+    aggregator = RunningWeightedAverage()
+    aggregator.begin_round(model, 1, into_global=True)
+    delta = {"w": torch.full((64, 32), 0.5), "b": torch.full((32,), -1.0)}
+    diff = FLModel(params=dict(delta), params_type=ParamsType.DIFF, meta={"client_name": "a-site"})
+    aggregator.accept_model(diff)
+    result = aggregator.aggregate_model()
+    assert result.params_type == ParamsType.FULL and result.params["w"] is model["w"]
+    assert torch.equal(model["w"], global_model["w"] + 0.5) and torch.equal(model["b"], global_model["b"] - 1.0)
+
+    # a NaN update is refused before anything is written: the global model is as it was
+    before = {name: value.clone() for name, value in model.items()}
+    aggregator.begin_round(model, 2, into_global=True)
+    bad = {"w": torch.full((64, 32), float("nan")), "b": torch.zeros(32)}
+    assert aggregator.accept_model(_site_result("b-site", bad, 1)) is False
+    with pytest.raises(FedllmError, match="no site results"):
+        aggregator.aggregate_model()
+    assert all(torch.equal(model[name], before[name]) for name in model)

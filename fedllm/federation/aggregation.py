@@ -15,6 +15,13 @@ and, at the end of the round, sums each parameter over the sites in site-name or
 tensor at a time. Memory held across a round: the result, once (the fp32 model), whatever
 the number of sites; the order the sites reported in cannot change a bit of it.
 
+With ``begin_round(global, round, into_global=True)`` (fedllm's FedAvg controller,
+fedllm.federation.participation) there is not even that: each parameter's mean is written
+into the global model's own tensor as soon as it is finished, so the server holds one
+model plus one parameter's float64 sum, and the result hands back the global model's
+tensors. Nothing is written before every update was checked, so a round whose updates are
+all rejected leaves the global model as it was.
+
 NVFlare's built-in FedAvg aggregation (``WeightedAggregationHelper``, used when the recipe
 gets no ``aggregator``) also sums as results arrive, but keeps each site's whole update
 alive until the callback returns. Use this one with the recipe's ``aggregator=`` argument:
@@ -124,6 +131,7 @@ class RunningWeightedAverage(ModelAggregator):
         self._global: Optional[dict] = None
         self._global_spec: Optional[dict[str, tuple[tuple, str]]] = None
         self._round = None
+        self._into_global = False
         if lora_aggregation not in LORA_AGGREGATIONS:
             raise FedllmError(
                 f"RunningWeightedAverage lora_aggregation={lora_aggregation!r}: expected one of {', '.join(LORA_AGGREGATIONS)}"
@@ -156,14 +164,20 @@ class RunningWeightedAverage(ModelAggregator):
         self._first_site_spec: Optional[dict[str, tuple[tuple, str]]] = None
         self._rejected: dict[str, str] = {}  # site -> reason
 
-    def begin_round(self, global_params: dict, round_number: int) -> None:
+    def begin_round(self, global_params: dict, round_number: int, into_global: bool = False) -> None:
         """The global model the sites trained from this round: what every update is checked
         against, until ``aggregate_model``. Its tensors are held, not copied, in a dict of
         the aggregator's own: NVFlare's quantization filter replaces the entries of the dict
-        it sends, which is the controller's."""
+        it sends, which is the controller's.
+
+        ``into_global``: ``aggregate_model`` writes the round's mean into these very tensors,
+        one parameter at a time, and returns them: the server then holds one model, not a
+        global model and a result beside it. Only for a controller whose next global model
+        is the mean itself (FedAvg; not FedOpt, which steps from the old global model)."""
         self._global = dict(global_params)
         self._global_spec = {name: (tuple(value.shape), _dtype_name(value)) for name, value in self._global.items()}
         self._round = round_number
+        self._into_global = bool(into_global)
 
     def accept_model(self, model: FLModel) -> bool:
         """Add one site's result to the running sum; empties ``model.params`` while doing so.
@@ -262,6 +276,9 @@ class RunningWeightedAverage(ModelAggregator):
             rejected = f" (rejected: {self._rejected})" if self._rejected else ""
             raise FedllmError(f"RunningWeightedAverage: no site results to aggregate this round{rejected}")
         params = {}
+        # With into_global each finished mean goes into the global model's own tensor at once,
+        # so at most one parameter's float64 sum and its cast exist besides the one model.
+        keep = self._into_global_writer()
         order = self._deferred_names()
         # Disk-offloaded updates: one parameter at a time, its sites in name order, so only
         # that parameter's float64 sum exists besides the finished fp32 result. A LoRA pair
@@ -275,16 +292,18 @@ class RunningWeightedAverage(ModelAggregator):
                 weight, update = self._deferred[site]
                 if name in update:
                     self._add(name, update.pop(name), weight)  # the file is read here, once
-            params[name] = self._finish(name)
+            params[name] = keep(name, self._finish(name))
         self._deferred = {}
         order += [name for name in self._sums if name not in params and name not in order]
         for name in list(self._sums.keys()):
             if name not in self._module_of:
-                params[name] = self._finish(name)
+                params[name] = keep(name, self._finish(name))
         meta = {"nr_aggregated": len(self._sites), "aggregated_sites": list(self._sites),
                 "rejected_sites": dict(self._rejected)}
         if self.lora_aggregation == "product_svd":
             meta["lora_aggregation"] = self._finish_products(params)
+            for a_name, b_name in self._pairs.values():
+                params[a_name], params[b_name] = keep(a_name, params[a_name]), keep(b_name, params[b_name])
         params = {name: params[name] for name in order}
         for name, value in params.items():
             # Cannot happen after _check_update; the persisted global model must never hold one.
@@ -297,10 +316,47 @@ class RunningWeightedAverage(ModelAggregator):
         metrics = None
         if self._metric_sums and self._metric_weight > 0:
             metrics = {k: v / self._metric_weight for k, v in self._metric_sums.items()}
-        result = FLModel(params=params, params_type=self._params_type, metrics=metrics, meta=meta)
+        params_type = self._params_type
+        if self._into_global:
+            from nvflare.app_common.abstract.fl_model import ParamsType
+
+            params_type = ParamsType.FULL  # a DIFF mean was added to the global model: FULL now
+        result = FLModel(params=params, params_type=params_type, metrics=metrics, meta=meta)
         self.reset_stats()
-        self._global = self._global_spec = self._round = None  # the next round's comes with its begin_round
+        # the next round's comes with its begin_round
+        self._global = self._global_spec = self._round = None
+        self._into_global = False
         return result
+
+    def _into_global_writer(self):
+        """``keep(name, mean)``: what the result holds for ``name``. With ``into_global``, the
+        global model's own tensor, overwritten with the mean (a DIFF mean added to it)."""
+        from nvflare.app_common.abstract.fl_model import ParamsType
+
+        if not self._into_global:
+            return lambda name, value: value
+        diff = self._params_type == ParamsType.DIFF
+        kept = self._global
+
+        def keep(name, value):
+            target = kept.get(name)
+            if target is None:  # a parameter the global model does not have: cannot be, checked on arrival
+                return value
+            if _is_torch(target):
+                import torch
+
+                source = value if _is_torch(value) else torch.from_numpy(np.asarray(value))
+                if diff:
+                    target.add_(source.to(target.dtype))
+                else:
+                    target.copy_(source)
+            elif diff:
+                np.add(target, np.asarray(value, dtype=target.dtype), out=target)
+            else:
+                np.copyto(target, np.asarray(value), casting="unsafe")
+            return target
+
+        return keep
 
     def _register_pairs(self, site: str, params: dict, params_type) -> dict[str, tuple[str, str]]:
         """This site's LoRA pairs, module -> (A name, B name); every A needs its B and back."""

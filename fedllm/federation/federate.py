@@ -212,7 +212,10 @@ def summarize_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, site
         "rounds": [
             {"round": e["round"], "seconds": time_per_round[i] if i < len(time_per_round) else None,
              # which sites this round's global model averages, and who was left out and why
-             **{key: e[key] for key in ("aggregated_sites", "rejected_sites", "lost_sites") if key in e}}
+             **{key: e[key] for key in ("aggregated_sites", "rejected_sites", "lost_sites") if key in e},
+             # the server process's peak resident memory during the round, and the model's bytes
+             **{key: e[key] for key in ("server_peak_rss", "server_peak_rss_scope", "server_rss_before_round", "bytes")
+                if key in e}}
             for i, e in enumerate(rounds)
         ],
         "time_per_round_s": time_per_round,
@@ -348,5 +351,9 @@ def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: 
     # what left the sites, and the ε the run spent (fedllm.federation.privacy); absent without privacy filters
     if (privacy := privacy_record(cfg)) is not None:
         summary["privacy"] = privacy
+    from fedllm.federation.transfer import run_transfer_settings
+
+    # NVFlare's transfer timeouts the job carried, in seconds (fedllm.federation.transfer)
+    summary["transfer_timeouts"] = run_transfer_settings(cfg, layout)
     summary.update(module.export(str(layout.model("fedavg")), tokenizer=tokenizer))
     return summary

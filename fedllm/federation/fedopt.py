@@ -58,6 +58,9 @@ class ServerOptimizer(SiteTolerantFedAvg, FedOpt):
     computes the same rounds k+1.. as an unbroken job.
     """
 
+    # the optimizer steps from the old global model: the mean must not overwrite it
+    AGGREGATES_INTO_GLOBAL = False
+
     def __init__(self, *args, source_model: str = "", optimizer_args: Optional[dict] = None,
                  lr_scheduler_args: Optional[dict] = None, device: str = "cpu", **kwargs):
         if not optimizer_args or "path" not in optimizer_args:

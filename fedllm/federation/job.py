@@ -2,9 +2,9 @@
 FedOpt on the same recipe: fedllm.federation.algorithms).
 
 The same job runs in the simulator (``fedllm federate``), in POC mode and on a
-production federation (submitted through the admin API). The server rebuilds
-the initial global model from ``CausalLMModule``'s constructor arguments; every
-site runs ``fedllm/federation/client.py`` against the shared run dir.
+production federation (submitted through the admin API). The server reads the
+initial global model from the round-0 weights ``prepare`` wrote (it builds no model);
+every site runs ``fedllm/federation/client.py`` against the shared run dir.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fedllm.federation import client as client_script
 from fedllm.federation.aggregation import RunningWeightedAverage
 from fedllm.federation.algorithms import server_optimizer_args
 from fedllm.federation.persistor import RoundCheckpointPersistor
+from fedllm.federation.transfer import add_transfer_timeouts, run_transfer_settings
 from fedllm.rundir import RunDir
 from fedllm.tracking import add_receivers
 from fedllm.federation.tuning import (
@@ -27,9 +28,6 @@ from fedllm.federation.tuning import (
     site_process_settings,
 )
 from fedllm.train.methods import get_method
-from fedllm.train.site import PRECISION_DTYPE, train_args
-
-MODULE_CLASS = "fedllm.train.module.CausalLMModule"
 
 
 def job_name(cfg: ExperimentConfig) -> str:
@@ -103,7 +101,7 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
                  store: str = "", site_python: str | None = None) -> FedAvgRecipe:
     """A FedAvg recipe over ``sites`` for the prepared run dir, running ``federation.algorithm``.
 
-    ``run_dir`` must hold ``config.yaml``, ``data/`` and ``models/base`` (see
+    ``run_dir`` must hold ``config.yaml``, ``data/`` and ``models/base`` with the round-0 weights (see
     ``fedllm.run.prepare_run``) and be readable by the server and every site
     (one machine, a shared volume, or a per-site copy at the same path).
     ``start_round`` > 0 resumes: the job runs rounds ``start_round+1 .. rounds``
@@ -114,15 +112,9 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
     machine's environment, as in the simulator).
     """
     layout = RunDir(run_dir)
-    module_args = {
-        "model_dir": str(layout.base_model),
-        "method": cfg.method.name,
-        "method_params": dict(cfg.method.params),
-        "train_args": train_args(cfg, total_steps=1),  # the server never steps an optimizer
-        "dtype": PRECISION_DTYPE[cfg.training.precision],
-    }
     persistor = RoundCheckpointPersistor(
-        model={"path": MODULE_CLASS, "args": module_args},
+        # round 0: the weights prepare wrote; the server builds no model
+        initial_weights=str(layout.initial_weights),
         checkpoint_dir=str(layout.rounds),
         events_file=str(layout.server_events),
         store=store or "",
@@ -172,14 +164,19 @@ def participation_args(cfg: ExperimentConfig, layout: RunDir) -> dict:
         "wait_after_min_responses": -1.0 if federation.wait_after_min_clients is None else float(federation.wait_after_min_clients),
         "min_bandwidth": float(federation.min_bandwidth_mb_s) * 1e6,
         "events_file": str(layout.server_events),
+        # no copy of the global model per round, unless a server filter (quantization's)
+        # changes what it sends in place
+        "share_global_model": not federation.quantization,
     }
 
 
 def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig, layout: RunDir) -> None:
-    """Round timing and memory settings, privacy filters and message quantization."""
+    """Round timing, transfer timeouts and memory settings, privacy filters and message quantization."""
     # No polling on a round's critical path (NVFlare's defaults wait 2 s per site
     # per round).
     apply_round_tuning(recipe)
+    # NVFlare's transfer timeouts sized from the exchanged model (fedllm.federation.transfer)
+    add_transfer_timeouts(recipe, run_transfer_settings(cfg, layout))
     if not get_method(cfg.method.name).is_peft:
         # Full weights: collect and trim the server's heap after every round, so freed
         # updates go back to the OS. A collection costs ~0.3 s on the round's critical path

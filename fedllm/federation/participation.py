@@ -74,15 +74,30 @@ class SiteTolerantFedAvg(TunedFedAvg):
             the whole round timeout before a round completed).
         min_bandwidth: bytes/s the derived timeout assumes for the model's transfers.
         events_file: the server's event log (``site_lost``, ``round_failed``).
+        share_global_model: send the sites the global model's own tensors, not a copy.
+            NVFlare's server deep-copies a broadcast task's data before the first site gets
+            it (a whole second model for the round) to protect it from filters that change
+            it in place; fedllm's only such filter is quantization's, so the job sets this
+            whenever there is no ``federation.quantization``. The global model is changed
+            only after the round's task ended (the mean is written into it: see below).
+
+    The round's mean is written into the global model's tensors (the aggregator's
+    ``begin_round(..., into_global=True)``): the server holds one model, whatever the round.
 
     Constructor arguments are kept as same-named attributes: NVFlare's Job API re-creates
     the component from them.
     """
 
+    #: the round's mean becomes the next global model (FedOpt's controller steps from the old one)
+    AGGREGATES_INTO_GLOBAL = True
+
     def __init__(self, *args, min_responses: int = 0, round_timeout: float = 0.0,
                  wait_after_min_responses: float = -1.0, min_bandwidth: float = 1e6, events_file: str = "",
-                 **kwargs):
+                 share_global_model: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.share_global_model = share_global_model
+        if share_global_model:
+            _check_broadcast_copy_attribute()
         self.min_responses = min_responses
         self.round_timeout = round_timeout
         self.wait_after_min_responses = wait_after_min_responses
@@ -105,7 +120,8 @@ class SiteTolerantFedAvg(TunedFedAvg):
         self._round_started = time.monotonic()
         begin_round = getattr(self.aggregator, "begin_round", None)
         if callable(begin_round):
-            begin_round(data.params, self._round_number())  # its update_rejected events name round-<k> as site_lost does
+            # its update_rejected events name round-<k> as site_lost does
+            begin_round(data.params, self._round_number(), into_global=self.AGGREGATES_INTO_GLOBAL)
         required = self._required()
         limit = self.round_timeout or round_timeout(tensor_bytes(data.params or {}), self._slowest(), self.min_bandwidth)
         wait = self.wait_after_min_responses
@@ -120,6 +136,14 @@ class SiteTolerantFedAvg(TunedFedAvg):
             timeout=int(math.ceil(limit)), wait_time_after_min_received=int(math.ceil(wait)),
             blocking=False, callback=callback,
         )
+
+    def _prepare_task(self, *args, **kwargs):
+        task = super()._prepare_task(*args, **kwargs)
+        if self.share_global_model:
+            # WFCommServer deep-copies task.data into this attribute at the first site's
+            # request unless it is already there: it then sends the global model itself.
+            task._broadcast_data = task.data
+        return task
 
     def _required(self) -> int:
         return min(self.min_responses, len(self._targets)) if self.min_responses else len(self._targets)
@@ -190,3 +214,18 @@ class SiteTolerantFedAvg(TunedFedAvg):
                     required=self._required(), aggregated=aggregated, missing=missing, message=message)
         self.panic(message)
         return message
+
+
+def _check_broadcast_copy_attribute() -> None:
+    """``share_global_model`` relies on NVFlare 2.9's WFCommServer reusing ``task._broadcast_data``
+    when it is set; fail loudly, naming the version, if that moved."""
+    import inspect
+
+    import nvflare
+    from nvflare.apis.impl import wf_comm_server
+
+    if 'hasattr(task, "_broadcast_data")' not in inspect.getsource(wf_comm_server):
+        raise RuntimeError(
+            f"nvflare {nvflare.__version__}: WFCommServer no longer copies a broadcast task's data into "
+            "task._broadcast_data; fedllm.federation.participation's share_global_model was written for 2.9"
+        )

@@ -1,14 +1,18 @@
 """Server-side persistence of the global model, every round.
 
-NVFlare's PTFileModelPersistor keeps only the latest global model inside the
-server's job workspace. fedllm also needs every round's global weights under
-the run dir (the FedAvg validation curve, resume, export), so this persistor
-writes ``<checkpoint_dir>/round-<k>/`` (``fedllm.rundir``) after each aggregation:
-the exchanged weights as safetensors, a small ``meta.json`` (round, bytes, time) and a
-``MANIFEST.json`` (files, sizes, sha256, round, config hash), then uploads the
-folder to the run's store when one is given (``fedllm.artifacts``). It also
-keeps the best global model by the sites' validation loss, and on a resumed
-job starts from a persisted round's weights, checked against its manifest.
+fedllm's server holds one copy of the global model (fedllm.federation.memory): this
+persistor builds no model. Round 0's weights are read from the file ``fedllm prepare``
+wrote beside the base model (``RunDir.initial_weights``: the exchanged weights, in the
+exchange dtype), with plain reads into the tensors the controller then sends, aggregates
+into and hands back here. After each aggregation it writes ``<checkpoint_dir>/round-<k>/``
+(``fedllm.rundir``) from those same tensors: the exchanged weights as safetensors (written
+from the tensors' own memory, no serialized copy), a small ``meta.json`` (round, bytes, time)
+and a ``MANIFEST.json`` (files, sizes, sha256, round, config hash), then uploads the folder
+to the run's store when one is given (``fedllm.artifacts``). NVFlare's own workspace
+checkpoint (``FL_global_model.pt``) is not written: the rounds are the checkpoints. It also
+keeps the best global model by the sites' validation loss, and on a resumed job starts from
+a persisted round's weights, checked against its manifest. Each round's ``global_model``
+event carries the process's peak resident memory during that round (``server_peak_rss``).
 With ``federation.lora_aggregation=product_svd`` each round also gets a
 ``lora_aggregation`` event (round, factor_error, svd_error) from the aggregator's meta.
 """
@@ -22,14 +26,21 @@ from pathlib import Path
 
 import torch
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
-from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedllm import events
+from fedllm.errors import FedllmError
+from fedllm.federation.memory import (
+    collect_garbage_every,
+    current_rss,
+    peak_rss_since_reset,
+    return_large_frees_to_the_os,
+)
 from fedllm.rundir import ROUND_META, ROUND_SERVER_OPTIMIZER, ROUND_WEIGHTS, round_key, round_name
-from fedllm.tensors import tensor_bytes
+from fedllm.tensors import read_safetensors, tensor_bytes
 
 #: the global model's meta key under which FedOpt's controller (fedllm.federation.fedopt) hands
 #: its optimizer's state to this persistor with a round's weights, and gets it back when a job
@@ -81,12 +92,12 @@ def load_server_optimizer(checkpoint_dir: str | os.PathLike, round_number: int) 
     return load_file(str(path)) if path.is_file() else None
 
 
-class RoundCheckpointPersistor(PTFileModelPersistor):
-    """PTFileModelPersistor that also keeps every round's global model.
+class RoundCheckpointPersistor(ModelPersistor):
+    """Loads the federation's global model from a file and keeps every round's.
 
     Args:
-        model: ``{"path": "fedllm.train.module.CausalLMModule", "args": {...}}`` —
-            the server rebuilds the initial global model from it.
+        initial_weights: the round-0 weights, a safetensors file of the exchanged weights
+            (``RunDir.initial_weights``, written by ``fedllm prepare``).
         checkpoint_dir: where ``round-<k>/`` folders go (the run dir's
             ``federation/rounds``).
         events_file: the server's structured event log.
@@ -95,44 +106,64 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
         config_hash: the experiment config's fingerprint, recorded in every manifest.
         resume_round: start from round ``resume_round``'s persisted global model
             (fetched from the store when given, verified by its manifest); 0 starts
-            from the base model.
+            from ``initial_weights``.
 
     Constructor arguments are kept as same-named attributes: NVFlare's Job API
     re-creates the component from them.
     """
 
-    def __init__(self, model: dict, checkpoint_dir: str, events_file: str = "", store: str = "",
+    def __init__(self, initial_weights: str, checkpoint_dir: str, events_file: str = "", store: str = "",
                  config_hash: str = "", resume_round: int = 0):
-        super().__init__(model=model, allow_numpy_conversion=False)
+        super().__init__()
+        from nvflare.app_opt.pt.decomposers import TensorDecomposer
+        from nvflare.fuel.utils import fobs
+
+        fobs.register(TensorDecomposer)  # the global model travels as torch tensors
+        self.initial_weights = initial_weights
         self.checkpoint_dir = checkpoint_dir
         self.events_file = events_file
         self.store = store
         self.config_hash = config_hash
         self.resume_round = resume_round
+        # resident memory when the current round's peak measurement began (None: the job's start)
+        self._rss_before_round = None
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
-        if not self.resume_round:
-            learnable = super().load_model(fl_ctx)
-        else:
-            from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
+        from fedllm.federation.sending import bound_the_send_cache
 
+        # In the process that sends the global model: the tensors serialized for the sites
+        # are cached within a bound, not until the slowest site has them all
+        # (fedllm.federation.sending); in a server job's own process, per-tensor buffers go
+        # back to the OS when freed (fedllm.federation.memory). Not in the simulator, whose
+        # server shares the process of the driver, which also trains.
+        bound_the_send_cache()
+        if _in_server_job_process():
+            return_large_frees_to_the_os()
+            collect_garbage_every()
+        meta = {}
+        if not self.resume_round:
+            path = Path(self.initial_weights)
+            if not path.is_file():
+                raise FedllmError(
+                    f"{path}: the federation's round-0 weights are missing; `fedllm prepare` writes them beside the base model"
+                )
+            weights = read_safetensors(str(path))
+        else:
             from fedllm.artifacts import fetch_round
 
             fetch_round(Path(self.checkpoint_dir), self.store or None, self.resume_round)
-            self.persistence_manager = PTModelPersistenceFormatManager(
-                load_round(self.checkpoint_dir, self.resume_round), allow_numpy_conversion=False
-            )
-            learnable = self.persistence_manager.to_model_learnable(self.exclude_vars)
+            weights = read_safetensors(str(round_dir(self.checkpoint_dir, self.resume_round) / ROUND_WEIGHTS))
             server_optimizer = load_server_optimizer(self.checkpoint_dir, self.resume_round)
             if server_optimizer is not None:
                 # for FedOpt's controller, which takes it out of the meta before round 1 is sent
-                learnable[ModelLearnableKey.META] = {**(learnable.get(ModelLearnableKey.META) or {}),
-                                                     SERVER_OPTIMIZER_STATE: server_optimizer}
+                meta[SERVER_OPTIMIZER_STATE] = server_optimizer
         events.emit("job_start", file=self.events_file or None, site="server", round=self.resume_round)
-        return learnable
+        return make_model_learnable(weights, meta)
+
+    def get_model_inventory(self, fl_ctx: FLContext) -> dict:
+        return {}  # the rounds are under the run dir, not in NVFlare's inventory
 
     def handle_event(self, event: str, fl_ctx: FLContext):
-        super().handle_event(event, fl_ctx)
         if event == AppEventType.AFTER_AGGREGATION:
             self._record_best(fl_ctx)
 
@@ -154,7 +185,6 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext):
         # FedOpt's optimizer state goes to the round's folder, not into NVFlare's own checkpoint.
         server_optimizer = (ml.get(ModelLearnableKey.META) or {}).pop(SERVER_OPTIMIZER_STATE, None)
-        super().save_model(ml, fl_ctx)
         current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         completed = int(current) + 1 if current is not None else 0
         weights = ml[ModelLearnableKey.WEIGHTS]
@@ -176,5 +206,22 @@ class RoundCheckpointPersistor(PTFileModelPersistor):
         # aggregated, those whose update was rejected and those lost, with why.
         taken = {key: value for key, value in (ml.get(ModelLearnableKey.META) or {}).items()
                  if key in ("aggregated_sites", "rejected_sites", "lost_sites")}
+        # The round's peak (aggregation, this save and upload included), then the next round's
+        # measurement starts from what the process holds now (the global model, once).
+        peak, per_round = peak_rss_since_reset()
+        memory = {}
+        if peak is not None:
+            memory = {"server_peak_rss": peak, "server_peak_rss_scope": "round" if per_round else "job",
+                      "server_rss_before_round": self._rss_before_round}
+            self._rss_before_round = current_rss() if per_round else None
         events.emit("global_model", file=self.events_file or None, site="server", round=completed, bytes=nbytes,
-                    **taken)
+                    **taken, **memory)
+
+
+def _in_server_job_process() -> bool:
+    """Whether this is an NVFlare server job's own process (POC, production), as NVFlare
+    launches it: ``python -m nvflare.private.fed.app.server.runner_process``."""
+    import sys
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", "") == "nvflare.private.fed.app.server.runner_process"

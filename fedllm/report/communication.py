@@ -40,7 +40,47 @@ def communication_section(summary: dict, source: str) -> Section:
         section.blocks.append(Paragraph(_mean_line(traffic, full_model)))
     if not recorded:
         section.blocks.append(not_recorded("Bytes sent and received per site and round"))
+
+    memory = [(key, rows) for key, setting in federated
+              if (rows := server_memory(setting.get("rounds"), f"{source}: settings.{key}.rounds"))]
+    for key, rows in memory:
+        section.blocks.append(_memory_table(key, rows))
+    if not memory:
+        section.blocks.append(not_recorded("The server's peak memory per round"))
     return section
+
+
+def server_memory(rounds, where: str) -> list[tuple[int, float, float | None, float | None]]:
+    """``[(round, server peak RSS, RSS before the round or None, global model bytes or None)]``
+    from a setting's ``rounds`` (fedllm.federation.persistor records them); empty when not recorded."""
+    if not isinstance(rounds, list):
+        return []
+    rows = []
+    for i, entry in enumerate(rounds):
+        if not isinstance(entry, dict) or entry.get("server_peak_rss") is None:
+            continue
+        at = f"{where}[{i}]"
+        rows.append((int(number(entry.get("round"), f"{at}.round") or i + 1),
+                     number(entry["server_peak_rss"], f"{at}.server_peak_rss"),
+                     number(entry.get("server_rss_before_round"), f"{at}.server_rss_before_round"),
+                     number(entry.get("bytes"), f"{at}.bytes")))
+    return rows
+
+
+def _memory_table(setting_key: str, rows: list) -> Table:
+    table_rows = []
+    for r, peak, before, model in rows:
+        grew = peak - before if before is not None else None
+        table_rows.append([
+            Cell(str(r), numeric=True), Cell(human_bytes(peak), numeric=True),
+            Cell(human_bytes(grew) if grew is not None else "–", numeric=True),
+            Cell(human_bytes(model) if model else "–", numeric=True),
+            Cell(f"{grew / model:.2f}×" if grew is not None and model else "–", numeric=True),
+        ])
+    return Table(["Round", "Server peak memory", "Above its start", "Global model", "Above ÷ model"], table_rows,
+                 caption=f"{display_name(setting_key)}: the server process's peak resident memory per round "
+                         "(in the simulator the process also runs the simulator itself); a round's growth above "
+                         "what the process held when it began (the first round: from the job's start).")
 
 
 def site_traffic(per_site, where: str) -> dict[str, list[tuple[int, float, float]]]:

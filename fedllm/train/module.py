@@ -94,6 +94,8 @@ class CausalLMModule(pl.LightningModule):
         train_args: optimizer/schedule settings (lr, weight_decay, adam_betas,
             lr_schedule, warmup_steps, min_lr, total_steps, fused_optimizer).
         dtype: weights' dtype when loaded (``float32``, ``bfloat16``).
+        exchange_dtype: the dtype ``state_dict()`` hands floating weights over in
+            (``federation.exchange_dtype``); None: their own.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class CausalLMModule(pl.LightningModule):
         method_params: Optional[dict] = None,
         train_args: Optional[dict] = None,
         dtype: str = "float32",
+        exchange_dtype: Optional[str] = None,
     ):
         super().__init__()
         self.model_dir = model_dir
@@ -110,6 +113,7 @@ class CausalLMModule(pl.LightningModule):
         self.method_params = dict(method_params or {})
         self.train_args = dict(train_args or {})
         self.dtype_name = dtype
+        self.exchange_dtype = exchange_dtype
         torch.manual_seed(int(self.train_args.get("seed", 1234)))  # adapters' init: same on every site
         base = load_causal_lm(model_dir, dtype=DTYPES[dtype])
         self.model = apply_method(base, method, self.method_params)
@@ -127,7 +131,11 @@ class CausalLMModule(pl.LightningModule):
     def state_dict(self, *args, **kwargs):
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        return OrderedDict((k, v) for k, v in full.items() if k[len(prefix):] in self.exchanged_keys)
+        sent = DTYPES[self.exchange_dtype] if self.exchange_dtype else None
+        return OrderedDict(
+            (k, v.to(sent) if sent is not None and v.is_floating_point() else v)
+            for k, v in full.items() if k[len(prefix):] in self.exchanged_keys
+        )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state = OrderedDict((k, v if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in state_dict.items())

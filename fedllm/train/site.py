@@ -12,6 +12,7 @@ import math
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 import pytorch_lightning as pl
@@ -125,10 +126,32 @@ def build_module(cfg: ExperimentConfig, base_model_dir: str, total_steps: int) -
         method_params=cfg.method.params,
         train_args=train_args(cfg, total_steps),
         dtype=PRECISION_DTYPE[cfg.training.precision],
+        exchange_dtype=cfg.federation.exchange_dtype,
     )
     if cfg.training.compile:
         module.model = torch.compile(module.model)
     return module
+
+
+def write_initial_weights(cfg: ExperimentConfig, base_model_dir: str | os.PathLike, path: str | os.PathLike) -> int:
+    """Write the federation's round-0 weights to ``path``: the exchanged weights (an
+    adapter's initialisation for PEFT, every weight for full fine-tuning) of the module
+    every site builds, in the exchange dtype. The server reads them instead of building a
+    model (fedllm.federation.persistor). Returns their bytes."""
+    from safetensors.torch import save_file
+
+    from fedllm.tensors import tensor_bytes
+
+    quiet_training_logs()
+    module = CausalLMModule(model_dir=str(base_model_dir), method=cfg.method.name, method_params=cfg.method.params,
+                            train_args=train_args(cfg, total_steps=1), dtype=PRECISION_DTYPE[cfg.training.precision],
+                            exchange_dtype=cfg.federation.exchange_dtype)
+    weights = module.state_dict()
+    weights = {name: value.contiguous() for name, value in weights.items()}
+    tmp = Path(str(path) + ".tmp")
+    save_file(weights, str(tmp))
+    os.replace(tmp, path)
+    return tensor_bytes(weights)
 
 
 def make_trainer(cfg: ExperimentConfig, max_steps: int, val_every: Optional[int] = None, progress: bool = False) -> pl.Trainer:
