@@ -60,7 +60,7 @@ MODEL = {
 }
 # The same federation with next to no model: what the server job process holds without one.
 BASELINE_MODEL = {"class_path": "torch.nn.Linear", "args": {"in_features": 8, "out_features": 8}}
-# >= 400M parameters: d_model 1024, 16 heads, FFN 4096, 14 + 14 layers (411M, 1.64 GB fp32)
+# >= 400M parameters: d_model 1024, 16 heads, FFN 4096, 14 + 14 layers (412M, 1.65 GB fp32)
 LARGE_MODEL = {
     "class_path": "torch.nn.Transformer",
     "args": {"d_model": 1024, "nhead": 16, "num_encoder_layers": 14, "num_decoder_layers": 14, "dim_feedforward": 4096},
@@ -306,9 +306,9 @@ def measure(model: dict, label: str, sites_list: list[int], variants: list[str],
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8, 16], help="sites for the 106M model")
-    parser.add_argument("--large-sites", type=int, nargs="*", default=[2, 4, 8], help="sites for the 411M model")
+    parser.add_argument("--large-sites", type=int, nargs="*", default=[2, 4, 8], help="sites for the 412M model")
     parser.add_argument("--nvflare-sites", type=int, nargs="*", default=[2, 4, 8],
-                        help="sites at which NVFlare's own variants run (106M model only: at 16 sites or 411M "
+                        help="sites at which NVFlare's own variants run (106M model only: at 16 sites or 412M "
                              "they would not fit this machine's memory beside the sites)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--noise", type=float, default=1e-3)

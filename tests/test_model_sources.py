@@ -25,6 +25,7 @@ from s3server import BUCKET, start_s3_server
 from conftest import DEMO_CONFIG, TINY_CONFIG, TINY_RUN
 from fedllm.cli import main
 from fedllm.errors import FedllmError
+from fedllm.rundir import INITIAL_WEIGHTS
 from fedllm.train.gguf import SMOLLM2_SOURCE, check_architecture, convert_gguf, locate_gguf
 
 SMOLLM2_PARAMETERS = 134_515_008
@@ -250,7 +251,10 @@ def test_run_from_local_hf_folder(smollm2_folder, tmp_path):
     run, summary = fedllm_run(tmp_path, str(smollm2_folder))
     assert_smollm2_run(run, summary, str(smollm2_folder))
     base = run / "models" / "base"
-    assert folder_digest(base) == before  # the run's base model is the source's files...
+    written = folder_digest(base)
+    # fedllm's own file beside them: the federation's round-0 weights (fedllm.rundir.INITIAL_WEIGHTS)
+    assert written.pop(INITIAL_WEIGHTS)
+    assert written == before  # the run's base model is the source's files...
     assert folder_digest(smollm2_folder) == before  # ...and the source folder is untouched
 
 
