@@ -134,8 +134,8 @@ class RoundCheckpointPersistor(ModelPersistor):
         # In the process that sends the global model: the tensors serialized for the sites
         # are cached within a bound, not until the slowest site has them all
         # (fedllm.federation.sending); in a server job's own process, per-tensor buffers go
-        # back to the OS when freed (fedllm.federation.memory). Not in the simulator, whose
-        # server shares the process of the driver, which also trains.
+        # back to the OS when freed and garbage is collected every 2 s (fedllm.federation.memory).
+        # Not in the simulator, whose server shares the process of the driver, which also trains.
         bound_the_send_cache()
         if _in_server_job_process():
             return_large_frees_to_the_os()
