@@ -4,8 +4,8 @@ process settings that keep it there.
 fedllm's server keeps one copy of the global model plus what is in flight
 (fedllm.federation.persistor, fedllm.federation.aggregation, fedllm.federation.sending).
 B3 (bench/README.md) measured its job process at 1.4x / 1.8x / 2.0x the exchanged model's
-bytes at 2 / 4 / 8 sites, net of what the process holds with no model at all, and 2.2x in
-the first round with 16 (NVFlare's transfers: serialized tensors per site in flight, cycles
+bytes at 2 / 4 / 8 sites, net of what the process holds with no model at all, and 2.2x
+with 16 (NVFlare's transfers: serialized tensors per site in flight, cycles
 freed by the collector). The rule below requests ``SERVER_MODEL_FACTOR`` x the model on top
 of ``SERVER_PROCESS_BASE_BYTES`` (the interpreter, NVFlare and torch of the server's two
 processes); the chart's default memory request follows the same rule.
