@@ -37,14 +37,9 @@ def peak_rss_since_reset(reset: bool = True) -> tuple[int | None, bool]:
     at the current resident size (``/proc/self/clear_refs``, value 5), so the next call
     reads the next round's peak. (None, False) where there is no /proc (macOS, Windows).
     Where the reset is refused, the peak is the process's since it started."""
-    try:
-        with open("/proc/self/status") as f:
-            line = next((line for line in f if line.startswith("VmHWM:")), None)
-    except OSError:
+    peak = _proc_status_bytes("VmHWM")
+    if peak is None:
         return None, False
-    if line is None:
-        return None, False
-    peak = int(line.split()[1]) * 1024  # kB
     if not reset:
         return peak, True
     try:
@@ -57,9 +52,14 @@ def peak_rss_since_reset(reset: bool = True) -> tuple[int | None, bool]:
 
 def current_rss() -> int | None:
     """This process's resident memory now, in bytes (Linux ``VmRSS``); None without /proc."""
+    return _proc_status_bytes("VmRSS")
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status in bytes; None where there is none."""
     try:
         with open("/proc/self/status") as f:
-            line = next((line for line in f if line.startswith("VmRSS:")), None)
+            line = next((line for line in f if line.startswith(field + ":")), None)
     except OSError:
         return None
     return None if line is None else int(line.split()[1]) * 1024

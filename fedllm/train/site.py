@@ -118,7 +118,9 @@ def train_args(cfg: ExperimentConfig, total_steps: int) -> dict:
     }
 
 
-def build_module(cfg: ExperimentConfig, base_model_dir: str, total_steps: int) -> CausalLMModule:
+def build_module(cfg: ExperimentConfig, base_model_dir: str, total_steps: int, compile: bool = True) -> CausalLMModule:
+    """The module a site trains; ``compile=False`` leaves out ``training.compile`` (for a
+    module only read, whose state dict keys must stay the exchanged names)."""
     quiet_training_logs()  # peft warns about gradient checkpointing while it wraps the model
     module = CausalLMModule(
         model_dir=str(base_model_dir),
@@ -128,7 +130,7 @@ def build_module(cfg: ExperimentConfig, base_model_dir: str, total_steps: int) -
         dtype=PRECISION_DTYPE[cfg.training.precision],
         exchange_dtype=cfg.federation.exchange_dtype,
     )
-    if cfg.training.compile:
+    if compile and cfg.training.compile:
         module.model = torch.compile(module.model)
     return module
 
@@ -142,11 +144,7 @@ def write_initial_weights(cfg: ExperimentConfig, base_model_dir: str | os.PathLi
 
     from fedllm.tensors import tensor_bytes
 
-    quiet_training_logs()
-    module = CausalLMModule(model_dir=str(base_model_dir), method=cfg.method.name, method_params=cfg.method.params,
-                            train_args=train_args(cfg, total_steps=1), dtype=PRECISION_DTYPE[cfg.training.precision],
-                            exchange_dtype=cfg.federation.exchange_dtype)
-    weights = module.state_dict()
+    weights = build_module(cfg, str(base_model_dir), total_steps=1, compile=False).state_dict()
     weights = {name: value.contiguous() for name, value in weights.items()}
     tmp = Path(str(path) + ".tmp")
     save_file(weights, str(tmp))
