@@ -189,3 +189,23 @@ def test_stdout_redirected_to_a_file_gets_the_site_processes_lines_too(tmp_path)
     with open(log, "w") as stdout:
         subprocess.run([sys.executable, "-c", CHILD_APPENDS], cwd=REPO, stdout=stdout, check=True, timeout=120)
     assert [json.loads(line)["event"] for line in log.read_text().splitlines()] == ["job_start", "round_end", "global_model"]
+
+
+def test_nvflare_warnings_in_the_simulators_processes_go_to_stderr_not_stdout(tmp_path):
+    # A loaded machine makes a simulated site log "Failed to get_task from server" (CI saw it
+    # land among a piped run's event lines): the log configuration the simulator and its
+    # worker processes read must keep stdout for events.
+    from fedllm.federation.federate import _write_simulator_log_config
+
+    config = _write_simulator_log_config(tmp_path)
+    worker = ("import logging, sys\n"
+              "from nvflare.fuel.utils.log_utils import dynamic_log_config\n"
+              "dynamic_log_config(sys.argv[1], sys.argv[2], reload_path=sys.argv[1])\n"
+              "logging.getLogger('Communicator').warning('Failed to get_task from server.')\n"
+              "logging.getLogger('Communicator').info('chatter')\n")
+    done = subprocess.run([sys.executable, "-c", worker, str(config), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "Failed to get_task from server." in done.stderr and "chatter" not in done.stderr
+    assert "Failed to get_task from server." in (tmp_path / "log.txt").read_text()

@@ -8,6 +8,8 @@ wrote, and exports the final global model as a loadable HF directory.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 import shutil
 import sys
@@ -38,6 +40,25 @@ def _events_to_this_stdout():
     finally:
         os.environ.pop(events.EVENTS_FILE_ENV, None)
         os.environ.pop(events.QUIET_ENV, None)
+
+
+def _write_simulator_log_config(workspace: Path) -> Path:
+    """NVFlare's logging for the simulator and its worker processes, as a file they all read.
+
+    NVFlare's own configuration logs to stdout; a piped run's stdout holds event lines only,
+    so its warnings (a site's "Failed to get_task from server" on a loaded machine) go to
+    the process's real stderr (``sys.__stderr__``: this process redirects ``sys.stderr`` to a
+    file only while the simulator runs, and the handler outlives that). Warnings and errors
+    also go to the workspace's log files, where failures point.
+    """
+    from nvflare.fuel.utils.log_utils import default_log_dict
+
+    log_config = copy.deepcopy(default_log_dict)
+    log_config["handlers"]["consoleHandler"]["stream"] = "ext://sys.__stderr__"
+    log_config["loggers"]["root"]["level"] = "WARNING"
+    path = workspace / "simulator-log-config.json"
+    path.write_text(json.dumps(log_config, indent=2))
+    return path
 
 
 @contextlib.contextmanager
@@ -113,14 +134,13 @@ def simulate(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[str]
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
     recipe = build_recipe(cfg, run_dir, sites, start_round=start_round, store=store, site_python=site_python)
-    # NVFlare's own INFO chatter stays in the workspace's log files; the console
-    # shows warnings and fedllm's event lines, which the sites (running in the
-    # simulator's worker processes) write straight to this process's stdout.
+    # fedllm's event lines are the only thing on stdout: the sites (running in the
+    # simulator's worker processes) write them straight to this process's stdout.
     env = SimEnv(
         clients=list(sites),
         num_threads=cfg.federation.threads or len(sites),
         workspace_root=str(workspace),
-        log_config="WARNING",
+        log_config=str(_write_simulator_log_config(workspace)),
     )
     started = time.perf_counter()
     log = workspace / "simulator-console.log"
