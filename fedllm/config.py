@@ -152,6 +152,13 @@ class TrainingConfig:
     compile: bool = False
     fused_optimizer: bool = False
     num_threads: Optional[int] = None
+    # What builds and shards a site's model: ``hf`` (transformers + peft, Lightning) or ``nemo``
+    # (NVIDIA NeMo AutoModel: its model code, LoRA/DoRA, FSDP2; fedllm.train.nemo). Same data,
+    # loss, schedule and exchanged weights either way.
+    backend: Literal["hf", "nemo"] = "hf"
+    # Processes one site trains with, its model sharded over them by FSDP2 (nemo backend;
+    # gloo on CPU, NCCL on GPU, one per GPU). Rank 0 talks to NVFlare.
+    processes_per_site: int = 1
 
 
 @dataclass
@@ -547,6 +554,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise FedllmError(f"config field 'training.steps_per_round': must be ≥ 1, got {t.steps_per_round}")
     if t.lr <= 0:
         raise FedllmError(f"config field 'training.lr': must be > 0, got {t.lr}")
+    if t.processes_per_site < 1:
+        raise FedllmError(f"config field 'training.processes_per_site': must be ≥ 1, got {t.processes_per_site}")
+    if t.processes_per_site > 1 and cfg.federation.algorithm == "fedprox":
+        raise FedllmError("config field 'training.processes_per_site': FedProx's proximal term is computed in one "
+                          "process; train FedProx sites with processes_per_site: 1")
+    if t.processes_per_site > 1 and t.backend != "nemo":
+        raise FedllmError("config field 'training.processes_per_site': a site trains in several processes with "
+                          f"training.backend: nemo (FSDP2); the {t.backend} backend trains a site in one")
+    if t.backend == "nemo":
+        from fedllm.train.nemo import check_nemo_method  # imports no NeMo
+
+        check_nemo_method(cfg.method.name, cfg.method.params)
     if len(t.adam_betas) != 2:
         raise FedllmError(f"config field 'training.adam_betas': expected two numbers, got {t.adam_betas}")
     for i, aggregation in enumerate(cfg.baselines.lora_aggregations):

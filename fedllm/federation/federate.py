@@ -54,7 +54,8 @@ def _write_simulator_log_config(workspace: Path) -> Path:
     from nvflare.fuel.utils.log_utils import default_log_dict
 
     log_config = copy.deepcopy(default_log_dict)
-    log_config["handlers"]["consoleHandler"]["stream"] = "ext://sys.__stderr__"
+    console = log_config["handlers"]["consoleHandler"]
+    console["stream"], console["level"] = "ext://sys.__stderr__", "WARNING"
     log_config["loggers"]["root"]["level"] = "WARNING"
     path = workspace / "simulator-log-config.json"
     path.write_text(json.dumps(log_config, indent=2))

@@ -15,6 +15,7 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 
 from fedllm.config import ExperimentConfig
 from fedllm.federation import client as client_script
+from fedllm.federation import nemo_client as nemo_client_script
 from fedllm.federation.aggregation import RunningWeightedAverage
 from fedllm.federation.algorithms import server_optimizer_args
 from fedllm.federation.persistor import RoundCheckpointPersistor
@@ -61,6 +62,10 @@ class ResumableFedAvgRecipe(FedAvgRecipe):
         from fedllm.federation.relaunch import restart_dead_site_trainers
 
         restart_dead_site_trainers(self._job)
+        # The server and the sites run the installed fedllm (the simulator's environment, an image's):
+        # a partial copy in the job's custom/ folder, a package without its __init__, would shadow an
+        # editable install and hide the modules NVFlare's import scan did not copy.
+        self._job.set_app_packages(["fedllm"])
 
     def _get_controller_kwargs(self) -> dict:
         # min_responses, round timeout, wait after the minimum, event log: fedllm.federation.participation
@@ -112,6 +117,8 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
     machine's environment, as in the simulator).
     """
     layout = RunDir(run_dir)
+    # the site's training script: Lightning's Client API (hf) or the plain one (nemo)
+    site_script = nemo_client_script if cfg.training.backend == "nemo" else client_script
     persistor = RoundCheckpointPersistor(
         # round 0: the weights prepare wrote; the server builds no model
         initial_weights=str(layout.initial_weights),
@@ -130,7 +137,7 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         name=job_name(cfg),
         min_clients=cfg.federation.min_clients or len(sites),
         num_rounds=cfg.federation.rounds - start_round,
-        train_script=client_script.__file__,
+        train_script=site_script.__file__,
         train_args=f"--run-dir {layout.root}",
         model_persistor=persistor,
         # Tensors stay tensors end to end (no numpy round trip of every weight), and the
@@ -138,7 +145,8 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         **server_memory_settings(),
         # Each site's training runs in its own process, launched once per job: tasks and
         # results are handed over with events, not 0.5 s polls.
-        **site_process_settings(python=site_python, module=client_script.__name__),
+        **site_process_settings(python=site_python, module=site_script.__name__,
+                                processes=cfg.training.processes_per_site),
         # Offloaded updates summed at the end of the round in site order; in-memory ones
         # into one running sum as they arrive, each freed as it is added. Either way the
         # global model does not depend on the order sites report in (fedllm.federation.aggregation).

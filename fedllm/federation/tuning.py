@@ -147,7 +147,7 @@ def server_memory_settings() -> dict:
     return {"server_expected_format": ExchangeFormat.PYTORCH, "enable_tensor_disk_offload": True}
 
 
-def site_process_settings(python: str | None = None, module: str | None = None) -> dict:
+def site_process_settings(python: str | None = None, module: str | None = None, processes: int = 1) -> dict:
     """``FedAvgRecipe`` keyword arguments that run each site's script in its own process.
 
     Pass them when building the recipe: ``FedAvgRecipe(..., **site_process_settings())``.
@@ -165,8 +165,16 @@ def site_process_settings(python: str | None = None, module: str | None = None) 
     ``fedllm.federation.client`` does). ``python`` defaults to the interpreter running this
     code, so the site uses the same environment in the simulator; in containers it is the
     image's ``python3``.
+
+    ``processes`` > 1: the site script runs as that many processes under ``torchrun``
+    (``torch.distributed.run --standalone``: a free local port for their rendezvous), which
+    share the site's model (``training.processes_per_site``, fedllm.train.nemo).
     """
     command = f"{python or sys.executable} -u"
+    if processes > 1:
+        if module is None:
+            raise ValueError("site_process_settings: several processes per site need the site script as a module")
+        command += f" -m torch.distributed.run --standalone --nproc_per_node {processes}"
     if module is not None:
         command += f" -m {module}"
     return {

@@ -56,18 +56,19 @@ def decoder_and_head(model):
     return decoder, head
 
 
-def token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss(model, batch: dict, whole_forward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the labelled tokens, and their count.
 
     Where the model allows (:func:`decoder_and_head`) only the labelled positions go
     through the output layer; the result equals the full forward's. Prompt-learning PEFT
     models prepend virtual tokens to the sequence; their logits are dropped so positions
-    line up with the real tokens.
+    line up with the real tokens. ``whole_forward``: always through the model's own
+    forward (an FSDP-sharded model gathers its root weights there, not in its decoder's).
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     shift_labels = labels[:, 1:]
     labelled = shift_labels != -100
-    split = decoder_and_head(model)
+    split = None if whole_forward else decoder_and_head(model)
     if split is not None:
         decoder, head = split
         hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state
@@ -82,6 +83,25 @@ def token_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         targets = shift_labels.reshape(-1)
     loss_sum = torch.nn.functional.cross_entropy(shift_logits, targets, ignore_index=-100, reduction="sum")
     return loss_sum, labelled.sum()
+
+
+def lr_factor(train_args: dict):
+    """The LR schedule as ``step -> factor`` of the base LR: linear warmup over ``warmup_steps``,
+    then constant or cosine down to ``min_lr`` at ``total_steps`` (every backend's schedule)."""
+    total = max(int(train_args.get("total_steps", 1)), 1)
+    warmup = int(train_args.get("warmup_steps", 0))
+    base_lr, min_lr = float(train_args.get("lr", 5e-4)), float(train_args.get("min_lr", 0.0))
+    cosine = train_args.get("lr_schedule", "constant") == "cosine"
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return (min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / base_lr
+
+    return factor
 
 
 class CausalLMModule(pl.LightningModule):
@@ -241,20 +261,7 @@ class CausalLMModule(pl.LightningModule):
         if a.get("fused_optimizer") and torch.cuda.is_available():
             kwargs["fused"] = True
         optimizer = torch.optim.AdamW(params, **kwargs)
-        total = max(int(a.get("total_steps", 1)), 1)
-        warmup = int(a.get("warmup_steps", 0))
-        base_lr, min_lr = kwargs["lr"], float(a.get("min_lr", 0.0))
-        cosine = a.get("lr_schedule", "constant") == "cosine"
-
-        def factor(step: int) -> float:
-            if warmup and step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return (min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / base_lr
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(a))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- export ------------------------------------------------------------------

@@ -258,6 +258,11 @@ def train_alone(
 
     Returns the setting's summary entry (see summary.json in the README).
     """
+    if cfg.training.backend == "nemo":
+        from fedllm.train import nemo
+
+        return nemo.train_alone(cfg, base_model_dir, setting, train, combined_val, out_dir, rounds_budget,
+                                events_file=events_file, scorer=scorer, base_val_loss=base_val_loss)
     set_threads(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(base_model_dir)
