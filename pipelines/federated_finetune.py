@@ -8,9 +8,11 @@ Every evaluate task scores one model and depends only on the task that made it,
 so the evaluations run side by side, each on its own GPU. The pipeline's
 parameters are the experiment config (YAML text, or an s3:// URI of it) plus
 ``--set``-style overrides, the federation mode and where submit mode finds the
-admin kit and the shared run folder. Where each step runs (GPUs, node
-selectors, tolerations) and the image are fixed when the pipeline is compiled:
-``build_pipeline(image, placement)``, ``python -m pipelines compile``.
+admin kit and the shared run folder, and the image the training steps run
+(``training_image``: images/fedllm-nemo for ``training.backend: nemo``). Where
+each step runs (GPUs, node selectors, tolerations) and the image of every other
+step are fixed when the pipeline is compiled: ``build_pipeline(image, placement)``,
+``python -m pipelines compile``.
 
 The compiled form is committed next to this file as ``federated_finetune.yaml``.
 """
@@ -26,6 +28,9 @@ from components import build_components
 
 PIPELINE_NAME = "fedllm-federated-finetune"
 DEFAULT_IMAGE = f"ghcr.io/fedllm/fedllm:{fedllm.__version__}"
+# What a run passes as training_image when its config says training.backend: nemo
+# (images/fedllm-nemo: the same Python environment, plus the C compiler triton needs).
+NEMO_IMAGE = f"ghcr.io/fedllm/fedllm-nemo:{fedllm.__version__}"
 # Where the admin startup-kit Secret (made by `fedllm provision`, installed with the
 # federation chart) is mounted in the submit-mode federate pod.
 ADMIN_KIT_MOUNT = "/var/run/fedllm/admin-kit"
@@ -77,7 +82,10 @@ def place(task: dsl.PipelineTask, placement: StepPlacement) -> dsl.PipelineTask:
 
 def build_pipeline(image: str = DEFAULT_IMAGE, placement: Optional[dict[str, StepPlacement]] = None):
     """The pipeline function, its steps running in ``image`` and placed per ``placement``
-    (keys: partition, federate, train, evaluate, report; missing keys keep the default)."""
+    (keys: partition, federate, train, evaluate, report; missing keys keep the default).
+
+    A run's ``training_image`` (default ``image``) replaces the image of the steps that
+    train: federate (the simulator's sites train in its pod) and each baseline's train."""
     where = {**default_placement(), **(placement or {})}
     c = build_components(image)
 
@@ -90,6 +98,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, placement: Optional[dict[str, Ste
         admin_kit_path: str = ADMIN_KIT_MOUNT,
         shared_run_root: str = "",
         federation_timeout_s: float = 0.0,
+        training_image: str = image,
     ) -> dsl.Dataset:
         prepared = place(c.partition(config=config, overrides=overrides, federation_mode=federation_mode), where["partition"])
         prepared.set_display_name("partition data into sites")
@@ -102,7 +111,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, placement: Optional[dict[str, Ste
         federated = place(
             c.federate(run=run, mode=federation_mode, admin_kit=admin_kit_path, shared_run_root=shared_run_root, timeout_s=federation_timeout_s),
             where["federate"],
-        ).set_display_name("federate")
+        ).set_display_name("federate").set_container_image(training_image)
         kubernetes.use_secret_as_volume(federated, secret_name=admin_kit_secret, mount_path=ADMIN_KIT_MOUNT, optional=True)
         fedavg = federated.outputs["model"]
 
@@ -110,7 +119,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, placement: Optional[dict[str, Ste
         fedavg_eval.set_display_name("evaluate fedavg")
 
         with dsl.ParallelFor(prepared.outputs["Output"], name="baselines") as setting:
-            trained = place(c.train(run=run, setting=setting), where["train"])
+            trained = place(c.train(run=run, setting=setting), where["train"]).set_container_image(training_image)
             evaluated = place(c.evaluate(run=run, model=trained.outputs["model"], setting=setting), where["evaluate"])
 
         summary = c.report(

@@ -369,3 +369,45 @@ def test_an_explicit_memory_request_or_limit_wins():
     assert kept == {"requests": {"cpu": "1", "memory": "2307Mi"}, "limits": {"memory": "16Gi"}}
     with pytest.raises(helm.HelmValuesError, match="/server/modelBytes"):
         render({"server": {"modelBytes": -1}})
+
+
+@pytest.mark.parametrize("launcher", ["process", "k8s"])
+def test_a_site_with_its_own_image_runs_it_and_the_others_keep_the_charts(launcher):
+    # A GPU site on the NeMo image (its tag and pull policy the chart-wide ones), a site
+    # pinning all three fields, and a site that sets none.
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    values = {
+        "launcher": launcher,
+        "sites": [
+            {"name": "gpu-site", "gpus": 2, "image": {"repository": "ghcr.io/fedllm/fedllm-nemo"}},
+            {"name": "pinned", "image": {"repository": "registry.example/fedllm-nemo", "tag": "dev", "pullPolicy": "Always"}},
+            {"name": "cpu-site"},
+        ],
+    }
+    report = helm.lint(str(CHART), values, strict=True, namespace="fl", kube_version="v1.29.0")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+    objects = render(values)
+    for version in KUBE_VERSIONS:
+        for obj in objects:
+            validate(obj, version)
+    pods = {o["metadata"]["name"].removeprefix("demo-"): pod_spec(o)["containers"][0] for o in objects if o["kind"] in POD_KINDS}
+    ran = {name: (c["image"], c["imagePullPolicy"]) for name, c in pods.items()}
+    chart_wide = (f"ghcr.io/fedllm/fedllm:{app_version}", "IfNotPresent")
+    assert ran == {
+        "gpu-site": (f"ghcr.io/fedllm/fedllm-nemo:{app_version}", "IfNotPresent"),
+        "pinned": ("registry.example/fedllm-nemo:dev", "Always"),
+        "cpu-site": chart_wide,
+        "server": chart_wide,
+        "test-connection": chart_wide,
+    }
+    # launcher k8s: the job pods that train run the site's image too
+    job_images = {name: e["value"] for name, c in pods.items() for e in c["env"] if e["name"] == "FEDLLM_JOB_IMAGE"}
+    expected = {name: ran[name][0] for name in ("gpu-site", "pinned", "cpu-site")} if launcher == "k8s" else {}
+    assert job_images == expected
+    # a chart-wide tag is every site's default tag, its own repository or not
+    tagged = render({**values, "image": {"repository": "ghcr.io/fedllm/fedllm", "tag": "0.2.0"}})
+    images = {d["metadata"]["name"].removeprefix("demo-"): pod_spec(d)["containers"][0]["image"] for d in by_kind(tagged, "Deployment")}
+    assert images == {"gpu-site": "ghcr.io/fedllm/fedllm-nemo:0.2.0", "pinned": "registry.example/fedllm-nemo:dev",
+                      "cpu-site": "ghcr.io/fedllm/fedllm:0.2.0", "server": "ghcr.io/fedllm/fedllm:0.2.0"}
+    with pytest.raises(helm.HelmValuesError, match="/sites/0/image"):
+        render({"sites": [{"name": "a", "image": {"repo": "ghcr.io/fedllm/fedllm-nemo"}}]})

@@ -78,12 +78,22 @@ def test_the_main_image_installs_pinned_torch_then_the_package_with_its_dependen
     assert "tracking" in PYPROJECT["project"]["optional-dependencies"]
 
 
-def test_the_nemo_image_keeps_nemos_torch_leaves_out_kfp_and_pins_the_rest():
+def test_the_nemo_image_installs_pyprojects_environment_and_a_c_compiler_for_triton():
+    # One environment for both backends: the NeMo image installs what the main image does,
+    # pinned torch then the package with its pins (nemo-automodel, transformers, triton
+    # among them), and proves at build time that NeMo AutoModel and triton import.
+    dependencies = {requirement_name(s): s for s in PYPROJECT["project"]["dependencies"]}
+    for name in ("nemo-automodel", "transformers", "triton", "torch"):
+        assert "==" in dependencies.get(name, ""), f"pyproject.toml does not pin {name}, which the nemo backend runs on"
     installs = pip_installs(IMAGES["fedllm-nemo"])
-    assert ["--no-deps", "."] in installs, "fedllm without its dependencies: NeMo's torch, no kfp"
-    installed = set(installed_requirements(IMAGES["fedllm-nemo"]))
-    tracking = {requirement_name(s) for s in PYPROJECT["project"]["optional-dependencies"]["tracking"]}
-    assert installed == (set(pyproject_requirements()) | tracking) - {"torch", "kfp", "kfp-kubernetes"}
+    assert installs[0] == [pyproject_requirements()["torch"]], "torch first, at pyproject's pin"
+    assert [".[tracking]"] in installs, "the package itself with its pins and the tracking extra"
+    assert installs == pip_installs(IMAGES["fedllm"]), "the two images install different Python environments"
+    text = re.sub(r"\\\n", " ", IMAGES["fedllm-nemo"].read_text())
+    assert re.search(r"^FROM python:3\.11-slim-bookworm$", text, re.M), "not PyPI's torch on the main image's base"
+    assert 'python -c "import nemo_automodel, triton"' in text, "no build-time check that the nemo backend imports"
+    # triton compiles its kernel launcher with a C compiler the first time a kernel runs
+    assert re.search(r"apt-get install [^&]*\bgcc\b", text), "no C compiler for triton's launcher"
 
 
 def test_the_package_ships_the_charts_values_and_schema():

@@ -155,3 +155,31 @@ def test_a_bad_placement_file_names_what_is_accepted(tmp_path, content, message)
     path.write_text(yaml.safe_dump(content))
     with pytest.raises(FedllmError, match=message.replace("(", r"\(")):
         load_placement(path)
+
+
+def test_a_run_chooses_the_image_its_training_steps_run_and_nothing_else_changes(tmp_path):
+    # training_image: the run's choice (images/fedllm-nemo for training.backend: nemo),
+    # defaulting to the compiled image, so a run that leaves it out runs as before.
+    spec, _ = load(COMPILED)
+    parameter = spec["root"]["inputDefinitions"]["parameters"]["training_image"]
+    assert parameter == {"defaultValue": federated_finetune.DEFAULT_IMAGE, "isOptional": True, "parameterType": "STRING"}
+    assert federated_finetune.NEMO_IMAGE.startswith("ghcr.io/fedllm/fedllm-nemo:")
+
+    out = compile_pipeline(tmp_path / "imaged.yaml", image="registry.example.com/fedllm:test")
+    spec, _ = load(out)
+    assert spec["root"]["inputDefinitions"]["parameters"]["training_image"]["defaultValue"] == "registry.example.com/fedllm:test"
+    placeholder = "{{$.inputs.parameters['pipelinechannel--training_image']}}"
+    tasks = all_tasks(spec)
+    for step in ("federate", "train"):  # the simulator's sites train in federate's pod
+        (dag, task), = tasks_of(spec, step).values()
+        assert executor_of(spec, task)["image"] == placeholder, step
+        source = task["inputs"]["parameters"]["pipelinechannel--training_image"]["componentInputParameter"]
+        if dag == "root":
+            assert source == "training_image", step
+        else:  # inside the baselines' loop: the loop task hands the run's parameter down
+            loop = next(t for _, t in tasks.values() if t["componentRef"]["name"] == dag)
+            assert source == "pipelinechannel--training_image"
+            assert loop["inputs"]["parameters"]["pipelinechannel--training_image"]["componentInputParameter"] == "training_image"
+    for step in ("partition", "evaluate", "report"):
+        for name, (_, task) in tasks_of(spec, step).items():
+            assert executor_of(spec, task)["image"] == "registry.example.com/fedllm:test", name

@@ -118,6 +118,21 @@ up to a whole Mi, computed in integers as ceil((2^31 + 5 x modelBytes) / 2^21) M
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/*
+A site's image: each field of its own `image` that is set, else the chart-wide image's
+(tag: then appVersion). Call with (dict "root" $ "site" $site).
+*/}}
+{{- define "fedllm.siteImage" -}}
+{{- $own := default dict .site.image }}
+{{- $chart := .root.Values.image }}
+{{- printf "%s:%s" (default $chart.repository $own.repository) (default (default .root.Chart.AppVersion $chart.tag) $own.tag) }}
+{{- end }}
+
+{{/* A site's image pull policy: its own, else the chart-wide one. Call as fedllm.siteImage. */}}
+{{- define "fedllm.siteImagePullPolicy" -}}
+{{- default .root.Values.image.pullPolicy (default dict .site.image).pullPolicy }}
+{{- end }}
+
 {{/* host and port of a remote server (server.enabled false): call with $. */}}
 {{- define "fedllm.remoteHost" -}}
 {{- (splitList ":" (required "server.remoteAddress (host:port) is required when server.enabled is false" .Values.server.remoteAddress)) | first }}
