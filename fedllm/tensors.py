@@ -24,6 +24,28 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def safetensors_header(path: str, f=None) -> tuple[dict, int]:
+    """The tensor entries of the safetensors file ``path`` (name -> dtype, shape, data
+    offsets; in the header's order, ``__metadata__`` left out) and where their data starts,
+    without reading a tensor. Raises ValueError naming the file when it is not one."""
+    import json
+    import struct
+
+    if f is None:
+        with open(path, "rb", buffering=0) as opened:
+            return safetensors_header(path, opened)
+    head = f.read(8)
+    if len(head) != 8:
+        raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    (header_len,) = struct.unpack("<Q", head)
+    try:
+        header = json.loads(f.read(header_len))
+    except ValueError as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
 def read_safetensors(path: str, into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file ``path``, read with plain reads into tensors of
     their own: one copy of the weights in memory and nothing else. (safetensors' own loader
@@ -33,20 +55,8 @@ def read_safetensors(path: str, into: Mapping[str, torch.Tensor] | None = None) 
     ``into``: tensors to read the file's into, name by name, in place (same shapes; a
     tensor of another dtype is read and cast one tensor at a time). Raises ValueError
     naming the file when it is not a safetensors file or ``into`` does not match it."""
-    import json
-    import struct
-
     with open(path, "rb", buffering=0) as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (header_len,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError as e:
-            raise ValueError(f"{path}: not a safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        start = 8 + header_len
+        header, start = safetensors_header(path, f)
         # in file order: the reads go forward
         entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         if into is not None and set(header) != set(into):

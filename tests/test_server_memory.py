@@ -170,3 +170,39 @@ def test_a_round_of_full_weights_costs_the_server_one_tensor_not_a_model(tmp_pat
     assert grew <= 0.5 * model_bytes, f"a round raised the peak by {grew / model_bytes:.2f}x the model"
     mean = read_safetensors(str(tmp_path / "rounds" / "round-001" / "exchanged.safetensors"))
     assert all(torch.allclose(mean[n], model[n] + 1.0, atol=1e-5) for n in model)
+
+
+def test_the_send_cache_holds_at_most_its_budget_and_sends_every_byte():
+    """Three sites download a model through NVFlare's own produce() protocol, at different
+    paces; the cache never holds more than its budget, and each site receives every tensor
+    exactly as safetensors serialized it."""
+    from nvflare.app_opt.pt.tensor_downloader import TensorDownloadable
+    from safetensors.torch import load as load_tensors
+
+    from fedllm.federation.sending import _downloadable_class
+
+    torch.manual_seed(0)
+    tensors = {f"layer{i}.weight": torch.randn(64, 64) for i in range(8)}  # 16 KiB each
+    budget = 40_000  # two serialized tensors
+    downloadable = _downloadable_class()(tensors, max_chunk_size=1, cache_bytes=budget)
+    assert isinstance(downloadable, TensorDownloadable)
+    downloadable.num_receivers = 3
+    states = {site: {} for site in ("a", "b", "c")}
+    received = {site: {} for site in states}
+    peak = 0
+    # a runs ahead, b follows two items behind, c starts last
+    for turn in ["a", "a", "a", "b", "a", "b", "a", "c", "a", "b", "a", "c", "b", "c", "b", "c", "b", "c", "b", "c",
+                 "b", "c", "c", "a", "b", "c"]:
+        rc, items, state = downloadable.produce(states[turn], turn)
+        if items is None:
+            continue
+        states[turn] = state
+        for item in items:
+            received[turn].update(load_tensors(item))
+        peak = max(peak, downloadable.cached_bytes)
+        assert downloadable.cached_bytes <= budget
+    assert peak > 0, "the cache was never used"
+    for site, got in received.items():
+        assert list(got) == list(tensors), site
+        for name in tensors:
+            assert torch.equal(got[name], tensors[name]), (site, name)

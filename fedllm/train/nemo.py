@@ -190,12 +190,12 @@ class ExchangeNames:
 
 def exchanged_names_of(initial_weights: str | os.PathLike) -> list[str]:
     """The exchanged names, in order, from the round-0 weights file's header (no tensor read)."""
+    from fedllm.tensors import safetensors_header
+
     path = Path(initial_weights)
     if not path.is_file():
         raise FedllmError(f"{path}: the round-0 weights are missing; `fedllm partition` writes them")
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return [name for name in header if name != "__metadata__"]
+    return list(safetensors_header(str(path))[0])
 
 
 # -- the model ----------------------------------------------------------------------------------
