@@ -210,8 +210,9 @@ class NemoSiteModel:
         method = cfg.method.name
         check_nemo_method(method, cfg.method.params)
         self.processes = processes
-        self.exchange_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            cfg.federation.exchange_dtype or "")
+        from fedllm.train.module import DTYPES
+
+        self.exchange_dtype = DTYPES.get(cfg.federation.exchange_dtype or "")
         kwargs = {}
         if processes.sharded:
             from nemo_automodel.components.distributed.config import DistributedSetup, FSDP2Config
