@@ -32,7 +32,7 @@ from fedllm.tensors import tensor_bytes
 from fedllm.train.model import load_tokenizer
 from fedllm.train.proximal import ProximalTerm
 from fedllm.train.nemo import NemoSiteModel, NemoTrainer, SiteProcesses, endless
-from fedllm.train.site import PRECISION_DTYPE, set_threads, steps_per_round
+from fedllm.train.site import set_threads, steps_per_round
 
 
 def main(argv=None) -> None:
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     data = RoundDataModule(cfg, tokenizer, partitions.train(site), partitions.val(site), site=site,
                            round_of=lambda: current["round"])
     per_round = steps_per_round(cfg, data.num_train_examples)
-    site_model = NemoSiteModel(cfg, base_dir, processes, dtype=getattr(torch, PRECISION_DTYPE[cfg.training.precision]))
+    site_model = NemoSiteModel(cfg, base_dir, processes)
     events_file = str(run_dir.site_events(site))
     trainer = NemoTrainer(cfg, site_model, cfg.federation.rounds * per_round, site, events_file)
     mu = fedprox_mu(cfg.federation)

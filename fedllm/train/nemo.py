@@ -202,16 +202,17 @@ def exchanged_names_of(initial_weights: str | os.PathLike) -> list[str]:
 class NemoSiteModel:
     """A site's model built by NeMo AutoModel, and the weights it exchanges by their hf names."""
 
-    def __init__(self, cfg: ExperimentConfig, base_model_dir: str | os.PathLike, processes: SiteProcesses = SiteProcesses(),
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ExperimentConfig, base_model_dir: str | os.PathLike, processes: SiteProcesses = SiteProcesses()):
         apply_cpu_guards()
         from nemo_automodel import NeMoAutoModelForCausalLM
+
+        from fedllm.train.module import DTYPES
+        from fedllm.train.site import PRECISION_DTYPE
 
         method = cfg.method.name
         check_nemo_method(method, cfg.method.params)
         self.processes = processes
-        from fedllm.train.module import DTYPES
-
+        dtype = DTYPES[PRECISION_DTYPE[cfg.training.precision]]  # the weights', as the hf backend loads them
         self.exchange_dtype = DTYPES.get(cfg.federation.exchange_dtype or "")
         kwargs = {}
         if processes.sharded:
@@ -242,7 +243,8 @@ class NemoSiteModel:
         trainable = {n: names.to_exchanged(n) for n, p in self.model.named_parameters() if p.requires_grad}
         by_exchanged = {v: k for k, v in trainable.items()}
         missing = [n for n in contract if n not in by_exchanged]
-        extra = [n for n, e in trainable.items() if e not in set(contract) and not self._tied(n)]
+        exchanged = set(contract)
+        extra = [n for n, e in trainable.items() if e not in exchanged and not self._tied(n)]
         if missing or extra:
             raise FedllmError(
                 f"training.backend nemo: NeMo AutoModel's {method} model does not train what the federation "
@@ -341,7 +343,8 @@ class NemoTrainer:
         self.cfg, self.site_model, self.processes = cfg, site_model, site_model.processes
         self.site_name, self.events_file = site_name, events_file
         args = train_args(cfg, total_steps)
-        self.optimizer = self._new_optimizer(args)
+        self.optimizer = torch.optim.AdamW(site_model.parameters, lr=args["lr"], betas=tuple(args["adam_betas"]),
+                                           weight_decay=args["weight_decay"])
         self.schedule = lr_factor(args)
         self.base_lr = args["lr"]
         self.log_every = int(args.get("log_every", 10))
@@ -353,10 +356,6 @@ class NemoTrainer:
         self.last_train_loss: Optional[float] = None
         # FedProx (set by the client script): mu/2·‖w − w_global‖² joins the loss, as on the hf backend.
         self.proximal = None
-
-    def _new_optimizer(self, args: dict) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.site_model.parameters, lr=args["lr"], betas=tuple(args["adam_betas"]),
-                                 weight_decay=args["weight_decay"])
 
     def restart_optimizer(self) -> None:
         """A fresh optimizer (FedAvg restarts it every round, as the hf backend's sites do): no
@@ -460,19 +459,18 @@ def train_alone(cfg: ExperimentConfig, base_model_dir: str, setting: str, train:
     contract (budget, validation cadence on the combined set, summary entry, exported model),
     starting from the federation's round-0 weights. ``scorer``: the task metric of the exported
     model, once, after the last step (the hf backend also scores every round's worth of steps)."""
-    from safetensors.torch import load_file
-
     from fedllm.train.methods import get_method
     from fedllm.train.model import load_tokenizer
-    from fedllm.train.site import PRECISION_DTYPE, SiteDataModule, autocast_dtype, set_threads, steps_per_round
+    from fedllm.tensors import read_safetensors
+    from fedllm.train.site import SiteDataModule, autocast_dtype, set_threads, steps_per_round
 
     set_threads(cfg)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(base_model_dir)
     data = SiteDataModule(cfg, tokenizer, train, combined_val, seed_key=setting)
     total = rounds_budget * steps_per_round(cfg, data.num_train_examples)
-    site_model = NemoSiteModel(cfg, base_model_dir, dtype=getattr(torch, PRECISION_DTYPE[cfg.training.precision]))
-    site_model.load_exchanged(load_file(str(Path(base_model_dir) / _initial_weights_name())))
+    site_model = NemoSiteModel(cfg, base_model_dir)
+    site_model.load_exchanged(read_safetensors(str(Path(base_model_dir) / _initial_weights_name())))
     trainer = NemoTrainer(cfg, site_model, total, setting, events_file)
     events.emit("setting_start", file=events_file, site=setting, steps=total, train_examples=len(train))
     started = time.perf_counter()
