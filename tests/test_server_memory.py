@@ -206,3 +206,159 @@ def test_the_send_cache_holds_at_most_its_budget_and_sends_every_byte():
         assert list(got) == list(tensors), site
         for name in tensors:
             assert torch.equal(got[name], tensors[name]), (site, name)
+
+
+def test_the_transfer_window_waits_for_room_lets_an_oversized_reply_go_alone_and_never_hangs():
+    import threading
+    import time
+
+    from fedllm.federation.sending import TransferWindow
+
+    window = TransferWindow(100, wait_s=5.0)
+    window.take(60)
+    second = threading.Thread(target=window.take, args=(60,))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive(), "60 + 60 bytes fit a 100-byte window"
+    window.give_back(60)
+    second.join(5.0)
+    assert not second.is_alive() and window.in_flight == 60
+    window.give_back(60)
+    window.take(500)  # larger than the window: served alone
+    assert window.in_flight == 500 and window.overruns == 0
+    window.give_back(500)
+
+    stalled = TransferWindow(100, wait_s=0.2)
+    stalled.take(100)  # never given back: a site that stopped reading
+    assert stalled.take(10) is False  # served after the wait, counted
+    assert stalled.overruns == 1 and stalled.in_flight == 110
+
+    # no more than max_waiting transfers hold a thread waiting: the next is served at once
+    crowded = TransferWindow(1, wait_s=30.0, max_waiting=2)
+    crowded.take(1)
+    waiters = [threading.Thread(target=crowded.take, args=(1,)) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    deadline = time.monotonic() + 5
+    while crowded.waiting < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert crowded.take(1) is False and time.monotonic() - started < 1.0 and crowded.overruns == 1
+    for _ in range(3):
+        crowded.give_back(1)
+    for waiter in waiters:
+        waiter.join(5.0)
+    assert crowded.in_flight == 1 and crowded.waiting == 0
+    with pytest.raises(ValueError, match="capacity=0"):
+        TransferWindow(0)
+
+
+SITES_DOWNLOAD_THROUGH_CELLS = r"""
+import gc, json, socket, sys, threading, time
+
+import torch
+from nvflare.app_opt.pt.tensor_downloader import download_tensors
+from nvflare.fuel.f3.cellnet.cell import Cell
+from nvflare.fuel.f3.streaming.byte_streamer import TxTask
+from nvflare.fuel.f3.streaming.obj_downloader import ObjectDownloader
+from nvflare.fuel.utils.fobs import fobs as fobs_module
+from nvflare.fuel.utils.fobs.fobs import get_class_name
+
+from fedllm.federation import sending
+
+sites, cache_bytes, window_bytes = (int(a) for a in sys.argv[1:4])
+probe = socket.socket()
+probe.bind(("127.0.0.1", 0))
+url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+probe.close()
+server = Cell(fqcn="server", root_url=url, secure=False, credentials={}, create_internal_listener=False)
+server.start()
+site_cells = [Cell(fqcn=f"site-{i}", root_url=url, secure=False, credentials={}, create_internal_listener=False)
+              for i in range(sites)]
+for cell in site_cells:
+    cell.start()
+deadline = time.monotonic() + 30
+while any(not server.is_cell_connected(c.get_fqcn()) for c in site_cells) and time.monotonic() < deadline:
+    time.sleep(0.1)
+
+sending.bound_the_send_cache(cache_bytes=cache_bytes, window_bytes=window_bytes)
+torch.manual_seed(0)
+tensors = {f"layer{i}.weight": torch.randn(512, 512) for i in range(12)}  # 1 MiB each
+decomposer = fobs_module._decomposers[get_class_name(torch.Tensor)]
+gc.disable()  # only reference counting frees what the transfers leave
+downloader = ObjectDownloader(cell=server, timeout=60, num_receivers=sites)
+ref = downloader.add_object(decomposer.to_downloadable(tensors, 2 << 20, {}))
+received = {}
+
+def download(cell):
+    received[cell.get_fqcn()] = download_tensors(from_fqcn="server", ref_id=ref, per_request_timeout=30, cell=cell)
+
+threads = [threading.Thread(target=download, args=(cell,)) for cell in site_cells]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(120)
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:  # the last streams' threads finish after their futures
+    alive = sum(isinstance(o, TxTask) for o in gc.get_objects())
+    if alive <= 1 and not sending._window.in_flight:
+        break
+    time.sleep(0.1)
+window = sending._window
+
+# and back: the server downloads every site's update at once, as sites submit them
+from nvflare.app_opt.pt.tensor_downloader import TensorDownloadable
+
+sending.receive_updates_a_few_at_a_time()
+updates = {cell.get_fqcn(): {n: t + k for n, t in tensors.items()} for k, cell in enumerate(site_cells)}
+refs = {}
+for cell in site_cells:
+    site_downloader = ObjectDownloader(cell=cell, timeout=60, num_receivers=1)
+    refs[cell.get_fqcn()] = site_downloader.add_object(TensorDownloadable(updates[cell.get_fqcn()], 2 << 20))
+received_updates = {}
+
+def receive(site):
+    received_updates[site] = decomposer.download(from_fqcn=site, ref_id=refs[site], per_request_timeout=30, cell=server)
+
+threads = [threading.Thread(target=receive, args=(site,)) for site in refs]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(120)
+print(json.dumps({
+    "updates_exact": {site: err is None and all(torch.equal(got[n], updates[site][n]) for n in tensors)
+                      for site, (err, got) in received_updates.items()},
+    "receiving_at_once": decomposer.receive_window.peak,
+    "exact": {site: err is None and list(got) == list(tensors) and all(torch.equal(got[n], tensors[n]) for n in tensors)
+              for site, (err, got) in received.items()},
+    "streams_alive": alive, "peak": window.peak, "in_flight": window.in_flight, "overruns": window.overruns,
+}))
+gc.enable()
+for cell in site_cells:
+    cell.stop()
+server.stop()
+"""
+
+
+def test_sites_download_over_nvflare_cells_within_the_send_window_leaving_no_stream_behind():
+    """Six sites download a 12 MiB model from a server over NVFlare's own cells (TCP on
+    localhost) at once, in a fresh process with the garbage collector off: every site gets
+    every tensor exactly, the replies in flight never pass the 3 MiB window (and fill it),
+    the window empties, and no sent stream is left for a collector to find (NVFlare alone
+    leaves every reply's TxTask in a reference cycle: 162 of them here). Then the server
+    downloads the six sites' updates, all asked for at once: two at a time, each exact."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SITES_DOWNLOAD_THROUGH_CELLS, "6", str(1 << 20), str(3 << 20)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    assert measured["exact"] == {f"site-{i}": True for i in range(6)}
+    assert measured["peak"] <= 3 << 20 and measured["overruns"] == 0
+    assert measured["peak"] >= 2 << 20, "never more than one reply in flight: the sites did not overlap"
+    assert measured["in_flight"] == 0
+    assert measured["updates_exact"] == {f"site-{i}": True for i in range(6)}
+    assert measured["receiving_at_once"] == 2  # RECEIVE_AT_ONCE of the six
+    # NVFlare's reliable-retry thread keeps the last task it looked at in a local until its next pass
+    assert measured["streams_alive"] <= 1

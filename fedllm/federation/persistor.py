@@ -129,14 +129,15 @@ class RoundCheckpointPersistor(ModelPersistor):
         self._rss_before_round = None
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
-        from fedllm.federation.sending import bound_the_send_cache
+        from fedllm.federation.sending import bound_the_send_cache, receive_updates_a_few_at_a_time
 
-        # In the process that sends the global model: the tensors serialized for the sites
-        # are cached within a bound, not until the slowest site has them all
+        # In the process that sends the global model and receives the updates: what is in
+        # flight to and from the sites is bounded, not grown with their number
         # (fedllm.federation.sending); in a server job's own process, per-tensor buffers go
         # back to the OS when freed and garbage is collected every 2 s (fedllm.federation.memory).
         # Not in the simulator, whose server shares the process of the driver, which also trains.
         bound_the_send_cache()
+        receive_updates_a_few_at_a_time()
         if _in_server_job_process():
             return_large_frees_to_the_os()
             collect_garbage_every()
