@@ -120,6 +120,8 @@ def test_the_round_timeout_grows_with_the_model_and_the_slowest_round():
 
     # 1 GB down and back at 10 MB/s: 200 s of transfers on top of the training allowance
     assert round_timeout(10**9, None, 1e7) == FIRST_ROUND_TIMEOUT_S + 200
+    # five sites: sent one after another at worst, received two at a time: 5 + 3 transfers
+    assert round_timeout(10**9, None, 1e7, sites=5) == FIRST_ROUND_TIMEOUT_S + 800
     assert round_timeout(0, 10.0, 1e7) == MIN_ROUND_TIMEOUT_S  # a fast round: the floor
     assert round_timeout(0, 400.0, 1e7) == ROUND_TIME_FACTOR * 400.0
 

@@ -66,6 +66,21 @@ def test_a_whole_model_bound_grows_with_the_model():
     assert transfer_settings(28 * 10**9, 10 * MB_S)["get_task_timeout"] == 5600.0  # faster link, shorter bound
 
 
+def test_a_site_may_wait_for_the_others_within_the_servers_transfer_budgets():
+    # the send window can serve the sites one after another; updates are received RECEIVE_AT_ONCE at a time
+    from fedllm.federation.sending import RECEIVE_AT_ONCE
+
+    assert RECEIVE_AT_ONCE == 2
+    one, five = transfer_settings(28 * 10**9, MB_S), transfer_settings(28 * 10**9, MB_S, sites=5)
+    assert five["get_task_timeout"] == 5 * one["get_task_timeout"] == 280_000.0
+    assert five["submit_task_result_timeout"] == 3 * one["submit_task_result_timeout"] == 168_000.0
+    for key in ("tensor_streaming_per_request_timeout", "tensor_min_download_timeout", "streaming_idle_timeout"):
+        assert five[key] == one[key]  # a chunk's wait does not queue behind other sites
+    assert transfer_settings(9_000_000, MB_S, sites=16) == DEFAULTS  # an adapter: NVFlare's defaults still
+    with pytest.raises(FedllmError, match="sites=0"):
+        transfer_settings(1, MB_S, sites=0)
+
+
 def test_an_override_wins_and_an_unknown_key_is_refused():
     settings = transfer_settings(28 * 10**9, MB_S, {"get_task_timeout": 90, "streaming_idle_timeout": 1200})
     assert settings["get_task_timeout"] == 90.0  # below NVFlare's default too: the user's word
@@ -104,15 +119,15 @@ def test_the_exported_job_carries_them(tmp_path):
     script.write_text("import nvflare.client as flare\nflare.init()\n")
     recipe = FedAvgRecipe(name="sized", model={"class_path": "torch.nn.Linear", "args": {"in_features": 4, "out_features": 2}},
                           min_clients=2, num_rounds=1, train_script=str(script))
-    _apply_settings(recipe, cfg, RunDir(run))  # what build_recipe applies to fedllm's job
+    _apply_settings(recipe, cfg, RunDir(run), 2)  # what build_recipe applies to fedllm's job, for two sites
     recipe.export(str(tmp_path / "job"))
     config = tmp_path / "job" / "sized" / "app" / "config"
     client = json.loads((config / "config_fed_client.json").read_text())
     server = json.loads((config / "config_fed_server.json").read_text())
 
-    expected = transfer_settings(28 * 10**9, MB_S, {"tensor_min_download_timeout": 900})
+    expected = transfer_settings(28 * 10**9, MB_S, {"tensor_min_download_timeout": 900}, sites=2)
     assert {key: client[key] for key in TIMEOUTS} == expected
-    assert client["get_task_timeout"] == 56_000.0 and client["tensor_min_download_timeout"] == 900.0
+    assert client["get_task_timeout"] == 112_000.0 and client["tensor_min_download_timeout"] == 900.0
     assert {key: server[key] for key in TIMEOUTS if key in server} == {key: expected[key] for key in SERVER_KEYS}
     assert client["default_task_fetch_interval"] == 0.05  # beside fedllm's other job settings
 

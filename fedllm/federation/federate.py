@@ -375,6 +375,6 @@ def finish_federation(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: 
     from fedllm.federation.transfer import run_transfer_settings
 
     # NVFlare's transfer timeouts the job carried, in seconds (fedllm.federation.transfer)
-    summary["transfer_timeouts"] = run_transfer_settings(cfg, layout)
+    summary["transfer_timeouts"] = run_transfer_settings(cfg, layout, len(sites))
     summary.update(module.export(str(layout.model("fedavg")), tokenizer=tokenizer))
     return summary

@@ -158,7 +158,7 @@ def build_recipe(cfg: ExperimentConfig, run_dir: str | os.PathLike, sites: list[
         key_metric="val_loss",
         key_metric_mode="min",
     )
-    _apply_settings(recipe, cfg, layout)
+    _apply_settings(recipe, cfg, layout, len(sites))
     add_receivers(recipe, cfg, layout, start_round)  # tracking: the server's TensorBoard / MLflow receivers
     return recipe
 
@@ -178,13 +178,13 @@ def participation_args(cfg: ExperimentConfig, layout: RunDir) -> dict:
     }
 
 
-def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig, layout: RunDir) -> None:
+def _apply_settings(recipe: FedAvgRecipe, cfg: ExperimentConfig, layout: RunDir, sites: int) -> None:
     """Round timing, transfer timeouts and memory settings, privacy filters and message quantization."""
     # No polling on a round's critical path (NVFlare's defaults wait 2 s per site
     # per round).
     apply_round_tuning(recipe)
     # NVFlare's transfer timeouts sized from the exchanged model (fedllm.federation.transfer)
-    add_transfer_timeouts(recipe, run_transfer_settings(cfg, layout))
+    add_transfer_timeouts(recipe, run_transfer_settings(cfg, layout, sites))
     if not get_method(cfg.method.name).is_peft:
         # Full weights: collect and trim the server's heap after every round, so freed
         # updates go back to the OS. A collection costs ~0.3 s on the round's critical path

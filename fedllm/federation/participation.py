@@ -51,16 +51,21 @@ ROUND_TIME_FACTOR = 3.0
 MIN_WAIT_AFTER_MIN_S = 30.0
 
 
-def round_timeout(model_bytes: int, slowest_round_s: Optional[float], min_bandwidth: float) -> float:
-    """Seconds a round may last before the sites that have not reported count as lost.
+def round_timeout(model_bytes: int, slowest_round_s: Optional[float], min_bandwidth: float, sites: int = 1) -> float:
+    """Seconds a round of ``sites`` may last before the sites that have not reported count as lost.
 
-    The global model goes down to each site and its update comes back: 2 × ``model_bytes``
-    at ``min_bandwidth`` bytes/s, on top of the training time, which is
-    ``ROUND_TIME_FACTOR`` × the slowest completed round (at least ``MIN_ROUND_TIMEOUT_S``),
-    or ``FIRST_ROUND_TIMEOUT_S`` before any round completed.
+    The global model goes down to each site and its update comes back, ``model_bytes`` each
+    way at ``min_bandwidth`` bytes/s, where the server may send to the sites one after
+    another and receives updates ``RECEIVE_AT_ONCE`` at a time (fedllm.federation.sending):
+    ``sites + ceil(sites / RECEIVE_AT_ONCE)`` transfers (2 for one site), on top of the
+    training time, which is ``ROUND_TIME_FACTOR`` × the slowest completed round (at least
+    ``MIN_ROUND_TIMEOUT_S``), or ``FIRST_ROUND_TIMEOUT_S`` before any round completed.
     """
+    from fedllm.federation.sending import RECEIVE_AT_ONCE
+
     training = FIRST_ROUND_TIMEOUT_S if slowest_round_s is None else max(MIN_ROUND_TIMEOUT_S, ROUND_TIME_FACTOR * slowest_round_s)
-    return training + 2.0 * model_bytes / min_bandwidth
+    transfers = max(1, sites) + math.ceil(max(1, sites) / RECEIVE_AT_ONCE)
+    return training + transfers * model_bytes / min_bandwidth
 
 
 class SiteTolerantFedAvg(TunedFedAvg):
@@ -123,7 +128,8 @@ class SiteTolerantFedAvg(TunedFedAvg):
             # its update_rejected events name round-<k> as site_lost does
             begin_round(data.params, self._round_number(), into_global=self.AGGREGATES_INTO_GLOBAL)
         required = self._required()
-        limit = self.round_timeout or round_timeout(tensor_bytes(data.params or {}), self._slowest(), self.min_bandwidth)
+        limit = self.round_timeout or round_timeout(tensor_bytes(data.params or {}), self._slowest(), self.min_bandwidth,
+                                                    sites=len(self._targets))
         wait = self.wait_after_min_responses
         if wait < 0:
             wait = limit if self._slowest() is None else max(MIN_WAIT_AFTER_MIN_S, self._slowest())

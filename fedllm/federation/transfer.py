@@ -71,19 +71,31 @@ def check_transfer_timeouts(overrides: Mapping[str, float], field: str = "federa
             raise FedllmError(f"config field '{field}.{key}': expected a number of seconds > 0, got {value!r}")
 
 
-def transfer_settings(model_bytes: int, min_bandwidth: float, overrides: Optional[Mapping[str, float]] = None) -> dict:
+def transfer_settings(model_bytes: int, min_bandwidth: float, overrides: Optional[Mapping[str, float]] = None,
+                      sites: int = 1) -> dict:
     """Every timeout of :data:`TIMEOUTS`, in seconds, for an exchanged model of ``model_bytes``
-    at ``min_bandwidth`` bytes/s: ``HEADROOM`` × the bytes it waits for / ``min_bandwidth``,
-    rounded up to a whole second and never below NVFlare's default; an ``overrides`` entry wins
-    as given. Non-decreasing in ``model_bytes``. Raises FedllmError for an unknown override."""
+    at ``min_bandwidth`` bytes/s among ``sites``: ``HEADROOM`` × the bytes it waits for /
+    ``min_bandwidth``, rounded up to a whole second and never below NVFlare's default; an
+    ``overrides`` entry wins as given. Non-decreasing in ``model_bytes`` and ``sites``. Raises
+    FedllmError for an unknown override.
+
+    The server sends the global model within one window for all sites and downloads updates
+    a few sites at a time (fedllm.federation.sending), so a site may wait for the others: its
+    task request for up to every site's download (the window can serve them one after
+    another), its result submission for ``ceil(sites / RECEIVE_AT_ONCE)`` updates."""
+    from fedllm.federation.sending import RECEIVE_AT_ONCE
+
     if model_bytes < 0:
         raise FedllmError(f"model_bytes={model_bytes}: expected >= 0")
+    if sites < 1:
+        raise FedllmError(f"sites={sites}: expected >= 1")
     if not min_bandwidth > 0:
         raise FedllmError(f"config field 'federation.min_bandwidth_mb_s': must be > 0, got {min_bandwidth / 1e6}")
     check_transfer_timeouts(overrides or {})
+    queued = {"get_task_timeout": sites, "submit_task_result_timeout": math.ceil(sites / RECEIVE_AT_ONCE)}
     settings = {}
     for key, (default, waits_for) in TIMEOUTS.items():
-        waited = model_bytes if waits_for == "model" else min(model_bytes, TENSOR_CHUNK_BYTES)
+        waited = model_bytes * queued.get(key, 1) if waits_for == "model" else min(model_bytes, TENSOR_CHUNK_BYTES)
         settings[key] = max(default, float(math.ceil(HEADROOM * waited / min_bandwidth)))
     settings.update({key: float(value) for key, value in (overrides or {}).items()})
     return settings
@@ -104,12 +116,13 @@ def exchanged_model_bytes(cfg, layout) -> int:
     return parameters * (2 if dtype in _HALF_DTYPES else 4)
 
 
-def run_transfer_settings(cfg, layout) -> dict:
-    """:func:`transfer_settings` for a run: its exchanged model, ``federation.min_bandwidth_mb_s``
-    and ``federation.transfer_timeouts``. What the job carries and the summary records."""
+def run_transfer_settings(cfg, layout, sites: int) -> dict:
+    """:func:`transfer_settings` for a run of ``sites``: its exchanged model,
+    ``federation.min_bandwidth_mb_s`` and ``federation.transfer_timeouts``. What the job carries
+    and the summary records."""
     federation = cfg.federation
     return transfer_settings(exchanged_model_bytes(cfg, layout), float(federation.min_bandwidth_mb_s) * 1e6,
-                             getattr(federation, "transfer_timeouts", None))
+                             getattr(federation, "transfer_timeouts", None), sites=sites)
 
 
 def add_transfer_timeouts(recipe, settings: Mapping[str, float]) -> None:
