@@ -358,7 +358,7 @@ def test_the_servers_memory_request_follows_the_model(model_bytes):
     resources = server_resources({"server": {"modelBytes": model_bytes}})
     assert resources["requests"] == {"cpu": "1", "memory": f"{mib}Mi"}
     assert resources["limits"] == {"memory": f"{2 * mib}Mi"}
-    assert mib == {0: 1024, 7: 1025, 9_200_000: 1046, 538_000_000: 2307, 28_000_000_000: 67782}[model_bytes]
+    assert mib == {0: 1024, 7: 1025, 9_200_000: 1042, 538_000_000: 2051, 28_000_000_000: 54430}[model_bytes]
 
 
 def test_an_explicit_memory_request_or_limit_wins():
@@ -366,7 +366,7 @@ def test_an_explicit_memory_request_or_limit_wins():
     assert server_resources({"server": {"modelBytes": 28_000_000_000, "resources": given}}) == given
     # a limit alone is kept; the request is still derived
     kept = server_resources({"server": {"modelBytes": 538_000_000, "resources": {"limits": {"memory": "16Gi"}}}})
-    assert kept == {"requests": {"cpu": "1", "memory": "2307Mi"}, "limits": {"memory": "16Gi"}}
+    assert kept == {"requests": {"cpu": "1", "memory": "2051Mi"}, "limits": {"memory": "16Gi"}}
     with pytest.raises(helm.HelmValuesError, match="/server/modelBytes"):
         render({"server": {"modelBytes": -1}})
 

@@ -94,14 +94,14 @@ fedllm.io/site: {{ .site.name }}
 {{/*
 The server pod's resources: server.resources, with a memory request derived from
 server.modelBytes where it gives none (and then a limit of twice that where it gives none).
-The rule is fedllm.federation.memory.server_memory_request's: 1Gi + 2.5 x modelBytes, rounded
-up to a whole Mi, computed in integers as ceil((2^31 + 5 x modelBytes) / 2^21) Mi.
+The rule is fedllm.federation.memory.server_memory_request's: 1Gi + 2 x modelBytes, rounded
+up to a whole Mi, computed in integers as ceil((2^30 + 2 x modelBytes) / 2^20) Mi.
 */}}
 {{- define "fedllm.serverResources" -}}
 {{- $resources := deepCopy (default dict .Values.server.resources) }}
 {{- $requests := default dict $resources.requests }}
 {{- if not (hasKey $requests "memory") }}
-{{- $mi := div (add 2147483648 (mul 5 (int64 (default 0 .Values.server.modelBytes))) 2097151) 2097152 }}
+{{- $mi := div (add 1073741824 (mul 2 (int64 (default 0 .Values.server.modelBytes))) 1048575) 1048576 }}
 {{- $_ := set $requests "memory" (printf "%dMi" $mi) }}
 {{- $_ := set $resources "requests" $requests }}
 {{- $limits := default dict $resources.limits }}
