@@ -1,4 +1,4 @@
-"""B3 — the FedAvg server's peak memory with a >=100M-parameter model, 2 -> 8 sites.
+"""B3 — the FedAvg server's peak memory with a >=100M-parameter model, 2 -> 16 sites.
 
 Runs real NVFlare 2.9 federations in POC mode (``PocEnv``: the server, its job process and
 every site are separate processes, as in production) in a temporary POC workspace. The model
@@ -17,14 +17,17 @@ the model's size on its own). The net figure is the memory aggregation costs.
 Variants:
 
 * ``nvflare-defaults``: the recipe as NVFlare builds it (numpy exchange, InTime aggregation);
-* ``fedllm``: what ``fedllm/federation/job.py`` ships: ``tuning.server_memory_settings()``
-  (PyTorch exchange, tensor disk offload), ``RunningWeightedAverage`` (references to the
-  offloaded updates, summed in site order at the end of the round), ``apply_memory_settings``;
-* ``fedllm-in-memory``: the same without disk offload (a float64 running sum of in-memory
-  updates: what the simulator does, where offload cannot engage);
-* ``fedllm-streaming``: ``fedllm`` + NVFlare's tensor streaming (``recipe.enable_tensor_streaming``).
+* ``nvflare-offload``: NVFlare's recipe with PyTorch exchange and tensor disk offload;
+* ``fedllm``: what ``fedllm/federation/job.py`` ships: ``RoundCheckpointPersistor`` (round 0
+  read from a file; it also bounds what is in flight to and from the sites:
+  ``fedllm.federation.sending``), ``SiteTolerantFedAvg`` sending the global model itself,
+  ``RunningWeightedAverage`` writing the mean into it, ``tuning.server_memory_settings()``
+  (PyTorch exchange, tensor disk offload), ``apply_memory_settings``;
+* ``fedllm-bf16``: the same with bf16 exchange.
 
-    .venv/bin/python bench/b3_server_memory.py --sites 2 4 8 --rounds 3
+    .venv/bin/python bench/b3_server_memory.py --sites 2 4 8 16 --large-sites 2 4 --rounds 3
+    .venv/bin/python bench/b3_server_memory.py --variants nvflare-defaults nvflare-offload --sites 2 8 \
+        --large-sites --merge       # NVFlare's variants beside the fedllm runs already in b3.json
     .venv/bin/python bench/b3_server_memory.py --quick     # 2 sites, a 4x smaller model
 
 Prints a Markdown table and writes ``bench/results/b3.json``; ``peak_rss_over_model`` is the
@@ -303,6 +306,22 @@ def measure(model: dict, label: str, sites_list: list[int], variants: list[str],
     return rows, runs
 
 
+def merge_earlier(path: str, runs: list[dict], baselines: dict) -> tuple[list[dict], dict, dict | None]:
+    """``runs`` plus the runs of the earlier result at ``path`` that they do not repeat (same
+    variant, model and sites), with the earlier baselines for the numbers of sites not
+    measured now, and the earlier large model's description (None where it had none)."""
+    import json
+
+    earlier = json.loads(Path(path).read_text())
+    repeated = {(r["variant"], r["model"], r["sites"]) for r in runs}
+    kept = [{**r, "measured_at": r.get("measured_at") or "an earlier run (no date recorded)"}
+            for r in earlier.get("runs", []) if (r["variant"], r["model"], r["sites"]) not in repeated]
+    merged_baselines = dict(earlier.get("baseline_peak_rss_bytes", {}))  # keys: str(sites), as measure() keeps them
+    merged_baselines.update(baselines)
+    print(f"[b3] kept {len(kept)} runs of {path}", flush=True)
+    return kept + runs, merged_baselines, earlier.get("large_model")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8, 16], help="sites for the 106M model")
@@ -314,6 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--noise", type=float, default=1e-3)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all")
     parser.add_argument("--quick", action="store_true", help="2 sites, a 4x smaller model, fedllm only")
+    parser.add_argument("--merge", nargs="?", const=str(REPO / "bench" / "results" / "b3.json"), metavar="JSON",
+                        help="keep the runs of an earlier result (default: bench/results/b3.json) that this one "
+                             "does not repeat (same variant, model and sites), each with its measured_at")
     args = parser.parse_args(argv)
     model, large = MODEL, LARGE_MODEL
     if args.quick:
@@ -346,6 +368,15 @@ def main(argv: list[str] | None = None) -> dict:
          "per round, recorded by fedllm", "server parent x model", "wall (s)"],
         rows,
     )
+    measured_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for run in runs:
+        run["measured_at"] = measured_at
+    if args.merge:
+        runs, baselines, large_info = merge_earlier(args.merge, runs, baselines)
+        if large_info and not args.large_sites:
+            large, large_params, large_bytes = large_info, large_info["parameters"], large_info["bytes_fp32"]
+            args.large_sites = sorted({r["sites"] for r in runs if r["model"] == f"{large_params / 1e6:.0f}M"})
+        args.variants = sorted({r["variant"] for r in runs})
     ok = [r for r in runs if "error" not in r]
     shipped = [r for r in ok if r["variant"] == "fedllm"]
     payload = {
