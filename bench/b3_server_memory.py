@@ -324,7 +324,7 @@ def merge_earlier(path: str, runs: list[dict], baselines: dict) -> tuple[list[di
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8, 16], help="sites for the 106M model")
+    parser.add_argument("--sites", type=int, nargs="*", default=[2, 4, 8, 16], help="sites for the 106M model (none: only --large-sites)")
     parser.add_argument("--large-sites", type=int, nargs="*", default=[2, 4, 8], help="sites for the 412M model")
     parser.add_argument("--nvflare-sites", type=int, nargs="*", default=[2, 4, 8],
                         help="sites at which NVFlare's own variants run (106M model only: at 16 sites or 412M "
