@@ -182,20 +182,13 @@ def bound_the_send_cache(cache_bytes: int = SEND_CACHE_BYTES, window_bytes: int 
     global _window
     import types
 
-    import torch
-    from nvflare.app_opt.pt.decomposers import TensorDecomposer
-    from nvflare.fuel.utils import fobs
-    from nvflare.fuel.utils.fobs import fobs as fobs_module
-    from nvflare.fuel.utils.fobs.fobs import get_class_name
-
     check_nvflare_send_cache()
     free_sent_streams()
     if _window is None:
         _window = TransferWindow(window_bytes)
-    fobs.register(TensorDecomposer)  # a no-op where one is registered already
     # The registered instance also downloads (its Datum handlers keep what it received), so
     # only the way it makes a downloadable changes, on that very instance.
-    decomposer = fobs_module._decomposers[get_class_name(torch.Tensor)]
+    decomposer = _registered_tensor_decomposer()
     downloadable = _downloadable_class()
 
     def to_downloadable(self, items: dict, max_chunk_size: int, fobs_ctx: dict):
@@ -210,18 +203,13 @@ def receive_updates_a_few_at_a_time(at_once: int = RECEIVE_AT_ONCE) -> None:
     import types
 
     import nvflare
-    import torch
     from nvflare.app_opt.pt.decomposers import TensorDecomposer
-    from nvflare.fuel.utils import fobs
-    from nvflare.fuel.utils.fobs import fobs as fobs_module
-    from nvflare.fuel.utils.fobs.fobs import get_class_name
 
     if not callable(getattr(TensorDecomposer, "download", None)):
         raise RuntimeError(f"nvflare {nvflare.__version__}: TensorDecomposer.download moved; "
                            "fedllm.federation.sending was written for NVFlare 2.9's ViaDownloaderDecomposer")
     check_nvflare_send_cache()
-    fobs.register(TensorDecomposer)
-    decomposer = fobs_module._decomposers[get_class_name(torch.Tensor)]
+    decomposer = _registered_tensor_decomposer()
     if getattr(decomposer, "receive_window", None) is not None:
         return
     nvflare_download = decomposer.download
@@ -235,6 +223,19 @@ def receive_updates_a_few_at_a_time(at_once: int = RECEIVE_AT_ONCE) -> None:
             window.give_back(1)
 
     decomposer.download = types.MethodType(download, decomposer)
+
+
+def _registered_tensor_decomposer():
+    """The torch tensor decomposer this process's FOBS uses (NVFlare's TensorDecomposer,
+    registered here where it is not yet)."""
+    import torch
+    from nvflare.app_opt.pt.decomposers import TensorDecomposer
+    from nvflare.fuel.utils import fobs
+    from nvflare.fuel.utils.fobs import fobs as fobs_module
+    from nvflare.fuel.utils.fobs.fobs import get_class_name
+
+    fobs.register(TensorDecomposer)  # a no-op where one is registered already
+    return fobs_module._decomposers[get_class_name(torch.Tensor)]
 
 
 def free_sent_streams() -> None:
